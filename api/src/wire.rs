@@ -1,0 +1,565 @@
+//! The wire format: a versioned, size-capped envelope around an rkyv archive of a [`Message`].
+//!
+//! ```text
+//! offset 0  magic     2 bytes  b"cp"
+//!        2  version   u16 LE   WIRE_VERSION
+//!        4  body_len  u32 LE   at most FRAME_LEN_MAX - HEADER_LEN
+//!        8  body      body_len bytes: rkyv 0.8 archive of Message
+//! ```
+//!
+//! Invariants, in the order [`decode`] checks them:
+//! 1. the size cap is checked from the header alone, before any allocation ([`peek_body_len`]);
+//! 2. a frame from an unknown or newer version is refused with [`WireError::UnsupportedVersion`]
+//!    before its body is looked at;
+//! 3. the body is accessed only through rkyv's validated path (bytecheck), copied first into an
+//!    aligned buffer when the caller's bytes are not aligned;
+//! 4. the decoded message then passes the model's rules ([`Validate`]), so a handler never sees a
+//!    name or a resource amount that a constructor would have refused.
+//!
+//! Wire types hold no `Rc`, `Arc` or other shared pointers: every message is a tree of owned data.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, check_len};
+use crate::model::{
+    Host, HostId, HostState, Replica, ReplicaPhase, Validate, VmAction, WorkloadSpec,
+};
+use crate::name::{TenantId, WorkloadName};
+
+/// The version this build writes and the only one it reads.
+pub const WIRE_VERSION: u16 = 1;
+/// Bytes of header before the body.
+pub const HEADER_LEN: usize = 8;
+/// The largest frame, header included: 4 MiB.
+pub const FRAME_LEN_MAX: usize = 4 << 20;
+/// Longest free-text detail carried in a message.
+pub const DETAIL_LEN_MAX: usize = 4_096;
+
+const MAGIC: [u8; 2] = *b"cp";
+/// Alignment of the buffer the body is accessed in; at least the largest archived alignment.
+const BODY_ALIGN: usize = 16;
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Fewer bytes than a header, or fewer than the header promised.
+    #[error("truncated frame: {len} bytes, need {need}")]
+    Truncated {
+        /// Bytes present.
+        len: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// More bytes than the frame cap.
+    #[error("frame of {len} bytes exceeds the cap of {max}")]
+    TooLarge {
+        /// Bytes announced or present.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The first two bytes are not cellplane's magic.
+    #[error("not a cellplane frame (bad magic {found:02x?})")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 2],
+    },
+    /// A version this build does not speak.
+    #[error("unsupported wire version {found}; this build speaks version {supported}")]
+    UnsupportedVersion {
+        /// The version in the frame.
+        found: u16,
+        /// The version this build speaks.
+        supported: u16,
+    },
+    /// More bytes than the header announced.
+    #[error("frame has {extra} bytes after its body")]
+    TrailingBytes {
+        /// How many.
+        extra: usize,
+    },
+    /// The body is not a valid archive of a message.
+    #[error("malformed body: {0}")]
+    Malformed(String),
+    /// The body decoded but breaks a rule of the model.
+    #[error("invalid message: {0}")]
+    Invalid(#[from] ModelError),
+    /// The message is too large to encode within the frame cap.
+    #[error("message of {len} bytes exceeds the frame cap of {max}")]
+    EncodeTooLarge {
+        /// Encoded length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+}
+
+/// Derives for every wire type.
+macro_rules! wire {
+    ($($item:item)*) => {$(
+        #[derive(
+            Debug, Clone, PartialEq, Eq, Serialize, Deserialize,
+            rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+        )]
+        $item
+    )*};
+}
+
+wire! {
+    /// Every message cellplane components exchange.
+    pub enum Message {
+        /// A typed refusal.
+        Error(ErrorReply),
+        /// A host announces itself to its cell.
+        Register(Register),
+        /// A host's periodic proof of life.
+        Heartbeat(Heartbeat),
+        /// The cell hands a replica to a host.
+        Assign(Assignment),
+        /// A host reports a replica's phase.
+        Status(StatusReport),
+        /// A tenant creates or changes a workload.
+        Apply(Apply),
+        /// A tenant acts on a VM.
+        VmAction(VmActionRequest),
+    }
+
+    /// What kind of refusal.
+    #[derive(Copy)]
+    pub enum ErrorCode {
+        /// The request broke a rule; retrying the same request will fail again.
+        Invalid,
+        /// The object does not exist (or is not the caller's).
+        NotFound,
+        /// The caller's quota is used up.
+        QuotaExceeded,
+        /// The caller sends too fast.
+        RateLimited,
+        /// The caller may not do this.
+        Unauthorized,
+        /// The service cannot answer now; retry later.
+        Unavailable,
+        /// An assignment from an older cell epoch.
+        StaleEpoch,
+    }
+
+    /// A typed refusal with a human-readable detail.
+    pub struct ErrorReply {
+        /// The kind.
+        pub code: ErrorCode,
+        /// Words for a person.
+        pub detail: String,
+    }
+
+    /// A host announces itself.
+    pub struct Register {
+        /// The host record as the host sees itself.
+        pub host: Host,
+    }
+
+    /// A host's periodic proof of life.
+    pub struct Heartbeat {
+        /// Which host.
+        pub host: HostId,
+        /// Increases by one per heartbeat; lets the cell drop duplicates and reordered ones.
+        pub seq: u64,
+        /// The newest cell epoch the host has seen.
+        pub epoch: u64,
+        /// The host's own view of its state.
+        pub state: HostState,
+    }
+
+    /// A replica placed on a host.
+    pub struct Assignment {
+        /// The tenant that owns the workload.
+        pub tenant: TenantId,
+        /// The replica slot, its host and epoch.
+        pub replica: Replica,
+        /// What to run.
+        pub spec: WorkloadSpec,
+    }
+
+    /// A replica's phase, as the host sees it.
+    pub struct StatusReport {
+        /// The tenant that owns the workload.
+        pub tenant: TenantId,
+        /// The workload.
+        pub workload: WorkloadName,
+        /// The replica's ordinal.
+        pub ordinal: u32,
+        /// The epoch of the assignment this reports on.
+        pub epoch: u64,
+        /// The phase.
+        pub phase: ReplicaPhase,
+        /// Words for a person (exit status, error).
+        pub detail: String,
+    }
+
+    /// Create or change a workload.
+    pub struct Apply {
+        /// The tenant, as authenticated (never taken from the caller's word alone).
+        pub tenant: TenantId,
+        /// Makes a retried apply a no-op: the caller picks it, unique per intended change.
+        pub idempotency_key: [u8; 16],
+        /// The desired state.
+        pub spec: WorkloadSpec,
+    }
+
+    /// Act on a VM.
+    pub struct VmActionRequest {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// The VM workload.
+        pub workload: WorkloadName,
+        /// Which replica.
+        pub ordinal: u32,
+        /// What to do.
+        pub action: VmAction,
+    }
+}
+
+impl Validate for Message {
+    fn validate(&self) -> Result<(), ModelError> {
+        match self {
+            Message::Error(e) => check_len("error.detail", e.detail.len(), DETAIL_LEN_MAX),
+            Message::Register(r) => r.host.validate(),
+            Message::Heartbeat(_) => Ok(()),
+            Message::Assign(a) => {
+                a.tenant.0.check("assign.tenant")?;
+                a.replica.validate()?;
+                a.spec.validate()
+            }
+            Message::Status(s) => {
+                s.tenant.0.check("status.tenant")?;
+                s.workload.0.check("status.workload")?;
+                check_len("status.detail", s.detail.len(), DETAIL_LEN_MAX)
+            }
+            Message::Apply(a) => {
+                a.tenant.0.check("apply.tenant")?;
+                a.spec.validate()
+            }
+            Message::VmAction(v) => {
+                v.tenant.0.check("vm_action.tenant")?;
+                v.workload.0.check("vm_action.workload")
+            }
+        }
+    }
+}
+
+/// Encodes `message` into one frame, header included.
+pub fn encode(message: &Message) -> Result<Vec<u8>, WireError> {
+    let body = rkyv::to_bytes::<rancor::Error>(message)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = HEADER_LEN + body.len();
+    if len > FRAME_LEN_MAX {
+        return Err(WireError::EncodeTooLarge {
+            len,
+            max: FRAME_LEN_MAX,
+        });
+    }
+    let mut frame = Vec::with_capacity(len);
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    // Cannot truncate: len <= FRAME_LEN_MAX < u32::MAX.
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Reads a header and returns the body length it announces, checking magic, version and the
+/// size cap. A framer calls this before allocating anything for the body.
+pub fn peek_body_len(header: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
+    let found = [header[0], header[1]];
+    if found != MAGIC {
+        return Err(WireError::BadMagic { found });
+    }
+    let version = u16::from_le_bytes([header[2], header[3]]);
+    if version != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion {
+            found: version,
+            supported: WIRE_VERSION,
+        });
+    }
+    let body_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let len = HEADER_LEN.saturating_add(body_len);
+    if len > FRAME_LEN_MAX {
+        return Err(WireError::TooLarge {
+            len,
+            max: FRAME_LEN_MAX,
+        });
+    }
+    Ok(body_len)
+}
+
+/// Decodes one whole frame: checked access, then the model's rules.
+pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
+    if frame.len() > FRAME_LEN_MAX {
+        return Err(WireError::TooLarge {
+            len: frame.len(),
+            max: FRAME_LEN_MAX,
+        });
+    }
+    let Some((header, body)) = frame.split_first_chunk::<HEADER_LEN>() else {
+        return Err(WireError::Truncated {
+            len: frame.len(),
+            need: HEADER_LEN,
+        });
+    };
+    let body_len = peek_body_len(header)?;
+    if body.len() < body_len {
+        return Err(WireError::Truncated {
+            len: frame.len(),
+            need: HEADER_LEN + body_len,
+        });
+    }
+    if body.len() > body_len {
+        return Err(WireError::TrailingBytes {
+            extra: body.len() - body_len,
+        });
+    }
+    decode_body(body)
+}
+
+/// Decodes a body whose header was already checked with [`peek_body_len`].
+pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    let message = if (body.as_ptr() as usize).is_multiple_of(BODY_ALIGN) {
+        rkyv::from_bytes::<Message, rancor::Error>(body)
+    } else {
+        let mut aligned = AlignedVec::<BODY_ALIGN>::with_capacity(body.len());
+        aligned.extend_from_slice(body);
+        rkyv::from_bytes::<Message, rancor::Error>(&aligned)
+    }
+    .map_err(|e| WireError::Malformed(e.to_string()))?;
+    message.validate()?;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::{vm, web};
+    use crate::model::{Capabilities, HostId, Resources};
+    use crate::name::{CellId, Name, SiteId};
+    use proptest::prelude::*;
+
+    fn assign() -> Message {
+        Message::Assign(Assignment {
+            tenant: TenantId::new("acme").unwrap(),
+            replica: Replica {
+                workload: WorkloadName::new("web").unwrap(),
+                ordinal: 2,
+                host: Some(HostId(41)),
+                epoch: 7,
+                phase: ReplicaPhase::Assigned,
+            },
+            spec: web(),
+        })
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            assign(),
+            Message::Apply(Apply {
+                tenant: TenantId::new("acme").unwrap(),
+                idempotency_key: [9; 16],
+                spec: vm(),
+            }),
+            Message::Register(Register {
+                host: Host {
+                    id: HostId(1),
+                    cell: CellId::new("c1").unwrap(),
+                    site: SiteId::new("fra").unwrap(),
+                    zone: Name::new("z1").unwrap(),
+                    capacity: Resources {
+                        cpu_milli: 8_000,
+                        memory_mib: 32_768,
+                        disk_gib: 100,
+                        gpus: 1,
+                    },
+                    capabilities: Capabilities {
+                        container: true,
+                        vm: false,
+                    },
+                    labels: Default::default(),
+                    state: HostState::Joining,
+                },
+            }),
+            Message::Heartbeat(Heartbeat {
+                host: HostId(1),
+                seq: 9,
+                epoch: 3,
+                state: HostState::Ready,
+            }),
+            Message::Error(ErrorReply {
+                code: ErrorCode::StaleEpoch,
+                detail: "epoch 2 < 3".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn round_trips_every_sample() {
+        for message in samples() {
+            let frame = encode(&message).unwrap();
+            assert_eq!(decode(&frame), Ok(message));
+        }
+    }
+
+    #[test]
+    fn misaligned_input_is_copied_not_refused() {
+        let frame = encode(&assign()).unwrap();
+        let mut shifted = vec![0u8; frame.len() + 1];
+        shifted[1..].copy_from_slice(&frame);
+        assert_eq!(decode(&shifted[1..]), Ok(assign()));
+    }
+
+    #[test]
+    fn empty_and_truncated_frames() {
+        assert_eq!(
+            decode(&[]),
+            Err(WireError::Truncated {
+                len: 0,
+                need: HEADER_LEN
+            })
+        );
+        let frame = encode(&assign()).unwrap();
+        for cut in [1, HEADER_LEN - 1, HEADER_LEN, frame.len() - 1] {
+            assert!(
+                matches!(decode(&frame[..cut]), Err(WireError::Truncated { .. })),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut frame = encode(&assign()).unwrap();
+        frame.push(0);
+        assert_eq!(decode(&frame), Err(WireError::TrailingBytes { extra: 1 }));
+    }
+
+    #[test]
+    fn newer_version_and_bad_magic_are_typed() {
+        let mut frame = encode(&assign()).unwrap();
+        frame[2..4].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            decode(&frame),
+            Err(WireError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            })
+        );
+        frame[0] = b'X';
+        assert!(matches!(decode(&frame), Err(WireError::BadMagic { .. })));
+    }
+
+    #[test]
+    fn oversized_is_refused_from_the_header_alone() {
+        let mut header = [0u8; HEADER_LEN];
+        header[..2].copy_from_slice(&MAGIC);
+        header[2..4].copy_from_slice(&WIRE_VERSION.to_le_bytes());
+        header[4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            peek_body_len(&header),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode(&vec![0u8; FRAME_LEN_MAX + 1]),
+            Err(WireError::TooLarge { .. })
+        ));
+        let huge = Message::Error(ErrorReply {
+            code: ErrorCode::Invalid,
+            detail: "x".repeat(FRAME_LEN_MAX),
+        });
+        assert!(matches!(
+            encode(&huge),
+            Err(WireError::EncodeTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn every_single_byte_corruption_is_an_error_or_a_valid_message() {
+        let frame = encode(&assign()).unwrap();
+        for at in HEADER_LEN..frame.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = frame.clone();
+                bad[at] ^= flip;
+                // Must not panic; if it decodes, it passed every check and every model rule.
+                if let Ok(message) = decode(&bad) {
+                    assert!(message.validate().is_ok());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn structurally_valid_but_semantically_invalid_is_refused() {
+        let mut message = assign();
+        let Message::Assign(a) = &mut message else {
+            unreachable!()
+        };
+        a.spec.resources.cpu_milli = 0;
+        let frame = encode(&message).unwrap();
+        match decode(&frame) {
+            Err(WireError::Invalid(e)) => assert_eq!(e.field(), "workload.resources.cpu_milli"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        // A name that breaks the DNS rules cannot be built, but bytes can carry one.
+        let good = encode(&assign()).unwrap();
+        let at = good.windows(4).position(|w| w == b"acme").unwrap();
+        let mut bad = good.clone();
+        bad[at] = b'A';
+        assert!(matches!(
+            decode(&bad),
+            Err(WireError::Invalid(ModelError::InvalidName { .. }))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2_048)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn random_bodies_behind_a_valid_header_never_panic(body in proptest::collection::vec(any::<u8>(), 0..2_048)) {
+            let mut frame = Vec::from(MAGIC);
+            frame.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+            frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&body);
+            if let Ok(message) = decode(&frame) {
+                prop_assert!(message.validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn heartbeats_and_statuses_round_trip(
+            host in any::<u64>(), seq in any::<u64>(), epoch in any::<u64>(),
+            ordinal in 0u32..100_000, detail in "[ -~]{0,200}", tenant in "[a-z][a-z0-9-]{0,20}[a-z0-9]",
+        ) {
+            let messages = [
+                Message::Heartbeat(Heartbeat { host: HostId(host), seq, epoch, state: HostState::Suspect }),
+                Message::Status(StatusReport {
+                    tenant: TenantId::new(&tenant).unwrap(),
+                    workload: WorkloadName::new("w").unwrap(),
+                    ordinal, epoch, phase: ReplicaPhase::Running, detail,
+                }),
+            ];
+            for message in messages {
+                prop_assert_eq!(decode(&encode(&message).unwrap()), Ok(message));
+            }
+        }
+
+        #[test]
+        fn workload_specs_round_trip(replicas in 0u32..=1_000, cpu in 1u32..=256_000, mem in 1u32..=1_000_000, key in any::<[u8; 16]>()) {
+            let mut spec = web();
+            spec.replicas = replicas;
+            spec.resources.cpu_milli = cpu;
+            spec.resources.memory_mib = mem;
+            let message = Message::Apply(Apply { tenant: TenantId::new("t").unwrap(), idempotency_key: key, spec });
+            prop_assert_eq!(decode(&encode(&message).unwrap()), Ok(message));
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The cell's pure cores: no clock, randomness or IO (checked by `chaos/tests/core_purity.rs`).
+
+pub mod fencing;

@@ -1,0 +1,23 @@
+//! The host actor: the agent on every host. It registers with its cell, keeps its lease, runs
+//! what it is assigned through a runtime driver and reports back; when its cell is unreachable it
+//! keeps every workload running and reconciles on return.
+//!
+//! The same pure host core serves one real host per process and simulated fleets of tens of
+//! thousands of hosts in one process. This crate owns the driver vocabulary today.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+
+/// The runtime drivers a host can offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverKind {
+    /// No real work: for scale and chaos tests.
+    Sim,
+    /// A plain OS process.
+    Process,
+    /// An OCI container through runc or crun.
+    Container,
+    /// A VM through qemu (KVM where it works, software emulation elsewhere).
+    Vm,
+}

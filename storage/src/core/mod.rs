@@ -1,0 +1,4 @@
+//! The storage crate's pure cores: no clock, randomness or IO (checked by
+//! `chaos/tests/core_purity.rs`).
+
+pub mod resolver;
