@@ -87,24 +87,11 @@ pub(crate) fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result
     if (min..=max).contains(&value) {
         Ok(())
     } else {
-        Err(ModelError::OutOfRange {
-            field: field.to_owned(),
-            value,
-            min,
-            max,
-        })
+        Err(ModelError::OutOfRange { field: field.to_owned(), value, min, max })
     }
 }
 
 /// Checks that `len <= max` for the field `field`.
 pub(crate) fn check_len(field: &str, len: usize, max: usize) -> Result<(), ModelError> {
-    if len <= max {
-        Ok(())
-    } else {
-        Err(ModelError::TooLong {
-            field: field.to_owned(),
-            len,
-            max,
-        })
-    }
+    if len <= max { Ok(()) } else { Err(ModelError::TooLong { field: field.to_owned(), len, max }) }
 }

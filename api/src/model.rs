@@ -404,10 +404,7 @@ impl PowerState {
 
 impl Default for UpdateStrategy {
     fn default() -> Self {
-        Self {
-            max_unavailable: 1,
-            max_surge: 1,
-        }
+        Self { max_unavailable: 1, max_surge: 1 }
     }
 }
 
@@ -422,47 +419,17 @@ impl Resources {
 
     /// Checks a per-replica request against its caps.
     fn validate_request(&self, field: &str) -> Result<(), ModelError> {
-        check_range(
-            &format!("{field}.cpu_milli"),
-            self.cpu_milli.into(),
-            1,
-            256_000,
-        )?;
-        check_range(
-            &format!("{field}.memory_mib"),
-            self.memory_mib.into(),
-            1,
-            4 << 20,
-        )?;
-        check_range(
-            &format!("{field}.disk_gib"),
-            self.disk_gib.into(),
-            0,
-            65_536,
-        )?;
+        check_range(&format!("{field}.cpu_milli"), self.cpu_milli.into(), 1, 256_000)?;
+        check_range(&format!("{field}.memory_mib"), self.memory_mib.into(), 1, 4 << 20)?;
+        check_range(&format!("{field}.disk_gib"), self.disk_gib.into(), 0, 65_536)?;
         check_range(&format!("{field}.gpus"), self.gpus.into(), 0, 16)
     }
 
     /// Checks a host's capacity against its caps.
     fn validate_capacity(&self, field: &str) -> Result<(), ModelError> {
-        check_range(
-            &format!("{field}.cpu_milli"),
-            self.cpu_milli.into(),
-            1,
-            1_024_000,
-        )?;
-        check_range(
-            &format!("{field}.memory_mib"),
-            self.memory_mib.into(),
-            1,
-            16 << 20,
-        )?;
-        check_range(
-            &format!("{field}.disk_gib"),
-            self.disk_gib.into(),
-            0,
-            1 << 20,
-        )?;
+        check_range(&format!("{field}.cpu_milli"), self.cpu_milli.into(), 1, 1_024_000)?;
+        check_range(&format!("{field}.memory_mib"), self.memory_mib.into(), 1, 16 << 20)?;
+        check_range(&format!("{field}.disk_gib"), self.disk_gib.into(), 0, 1 << 20)?;
         check_range(&format!("{field}.gpus"), self.gpus.into(), 0, 64)
     }
 }
@@ -473,9 +440,7 @@ fn validate_map(field: &str, map: &BTreeMap<String, String>) -> Result<(), Model
     for (key, value) in map {
         let bad_key = key.is_empty()
             || key.len() > 253
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if bad_key {
             return Err(ModelError::Invalid {
                 field: field.to_owned(),
@@ -519,12 +484,7 @@ impl Validate for Site {
         check_len("site.latency_ms", self.latency_ms.len(), 1_024)?;
         for (source, ms) in &self.latency_ms {
             source.check("site.latency_ms")?;
-            check_range(
-                &format!("site.latency_ms.{source}"),
-                (*ms).into(),
-                0,
-                60_000,
-            )?;
+            check_range(&format!("site.latency_ms.{source}"), (*ms).into(), 0, 60_000)?;
         }
         Ok(())
     }
@@ -543,18 +503,8 @@ impl Validate for Tenant {
         self.id.0.check("tenant.id")?;
         check_range("tenant.quota.cpu_milli", self.quota.cpu_milli, 1, 1 << 40)?;
         check_range("tenant.quota.memory_mib", self.quota.memory_mib, 1, 1 << 40)?;
-        check_range(
-            "tenant.quota.replicas",
-            self.quota.replicas.into(),
-            1,
-            10_000_000,
-        )?;
-        check_range(
-            "tenant.quota.workloads",
-            self.quota.workloads.into(),
-            1,
-            1_000_000,
-        )?;
+        check_range("tenant.quota.replicas", self.quota.replicas.into(), 1, 10_000_000)?;
+        check_range("tenant.quota.workloads", self.quota.workloads.into(), 1, 1_000_000)?;
         if let Some(cell) = &self.home_cell {
             cell.0.check("tenant.home_cell")?;
         }
@@ -565,21 +515,12 @@ impl Validate for Tenant {
 impl Validate for WorkloadSpec {
     fn validate(&self) -> Result<(), ModelError> {
         self.name.0.check("workload.name")?;
-        check_range(
-            "workload.replicas",
-            self.replicas.into(),
-            0,
-            REPLICAS_MAX.into(),
-        )?;
+        check_range("workload.replicas", self.replicas.into(), 0, REPLICAS_MAX.into())?;
         self.resources.validate_request("workload.resources")?;
         match &self.kind {
             WorkloadKind::Container(c) => {
                 validate_image("workload.kind.container.image", &c.image)?;
-                check_len(
-                    "workload.kind.container.command",
-                    c.command.len(),
-                    ARGS_LEN_MAX,
-                )?;
+                check_len("workload.kind.container.command", c.command.len(), ARGS_LEN_MAX)?;
                 for (i, arg) in c.command.iter().enumerate() {
                     let field = format!("workload.kind.container.command[{i}]");
                     check_len(&field, arg.len(), VALUE_LEN_MAX)?;
@@ -589,12 +530,7 @@ impl Validate for WorkloadSpec {
             WorkloadKind::Vm(vm) => {
                 validate_image("workload.kind.vm.image", &vm.image)?;
                 check_range("workload.kind.vm.vcpus", vm.vcpus.into(), 1, 256)?;
-                check_range(
-                    "workload.kind.vm.memory_mib",
-                    vm.memory_mib.into(),
-                    64,
-                    4 << 20,
-                )?;
+                check_range("workload.kind.vm.memory_mib", vm.memory_mib.into(), 64, 4 << 20)?;
                 check_range("workload.kind.vm.disk_gib", vm.disk_gib.into(), 1, 65_536)?;
                 if let Some(doc) = &vm.cloud_init {
                     check_len("workload.kind.vm.cloud_init", doc.len(), CLOUD_INIT_LEN_MAX)?;
@@ -618,16 +554,8 @@ impl Validate for WorkloadSpec {
         let p = &self.placement;
         check_len("workload.placement.sites", p.sites.len(), PLACEMENT_LEN_MAX)?;
         check_len("workload.placement.zones", p.zones.len(), PLACEMENT_LEN_MAX)?;
-        check_len(
-            "workload.placement.anti_affinity",
-            p.anti_affinity.len(),
-            PLACEMENT_LEN_MAX,
-        )?;
-        check_len(
-            "workload.placement.latency",
-            p.latency.len(),
-            PLACEMENT_LEN_MAX,
-        )?;
+        check_len("workload.placement.anti_affinity", p.anti_affinity.len(), PLACEMENT_LEN_MAX)?;
+        check_len("workload.placement.latency", p.latency.len(), PLACEMENT_LEN_MAX)?;
         for site in &p.sites {
             site.0.check("workload.placement.sites")?;
         }
@@ -639,12 +567,7 @@ impl Validate for WorkloadSpec {
         }
         for target in &p.latency {
             target.source.check("workload.placement.latency.source")?;
-            check_range(
-                "workload.placement.latency.max_ms",
-                target.max_ms.into(),
-                1,
-                60_000,
-            )?;
+            check_range("workload.placement.latency.max_ms", target.max_ms.into(), 1, 60_000)?;
         }
         let most = u64::from(self.replicas.max(1));
         check_range(
@@ -653,12 +576,7 @@ impl Validate for WorkloadSpec {
             0,
             most,
         )?;
-        check_range(
-            "workload.update.max_surge",
-            self.update.max_surge.into(),
-            0,
-            most,
-        )?;
+        check_range("workload.update.max_surge", self.update.max_surge.into(), 0, most)?;
         if self.update.max_unavailable == 0 && self.update.max_surge == 0 {
             return Err(ModelError::Invalid {
                 field: "workload.update".to_owned(),
@@ -673,12 +591,7 @@ impl Validate for WorkloadSpec {
 impl Validate for Replica {
     fn validate(&self) -> Result<(), ModelError> {
         self.workload.0.check("replica.workload")?;
-        check_range(
-            "replica.ordinal",
-            self.ordinal.into(),
-            0,
-            (REPLICAS_MAX - 1).into(),
-        )
+        check_range("replica.ordinal", self.ordinal.into(), 0, (REPLICAS_MAX - 1).into())
     }
 }
 
@@ -697,12 +610,7 @@ pub(crate) mod tests {
             }),
             controller: Controller::Replicated,
             replicas: 3,
-            resources: Resources {
-                cpu_milli: 500,
-                memory_mib: 256,
-                disk_gib: 1,
-                gpus: 0,
-            },
+            resources: Resources { cpu_milli: 500, memory_mib: 256, disk_gib: 1, gpus: 0 },
             placement: Placement::default(),
             update: UpdateStrategy::default(),
         }
@@ -722,12 +630,7 @@ pub(crate) mod tests {
             }),
             controller: Controller::Stateful,
             replicas: 1,
-            resources: Resources {
-                cpu_milli: 2_000,
-                memory_mib: 2_304,
-                disk_gib: 20,
-                gpus: 0,
-            },
+            resources: Resources { cpu_milli: 2_000, memory_mib: 2_304, disk_gib: 20, gpus: 0 },
             placement: Placement::default(),
             update: UpdateStrategy::default(),
         }
@@ -783,9 +686,7 @@ pub(crate) mod tests {
             let mut spec = web();
             mutate(&mut spec);
             match refused(spec) {
-                ModelError::OutOfRange {
-                    field: f, value: v, ..
-                } => {
+                ModelError::OutOfRange { field: f, value: v, .. } => {
                     assert_eq!((f.as_str(), v), (field, value));
                 }
                 other => panic!("expected OutOfRange for {field}, got {other}"),
@@ -801,9 +702,7 @@ pub(crate) mod tests {
         json["resources"]["cpu_milli"] = serde_json::json!(1u64 << 40);
         assert!(serde_json::from_value::<Workload>(json.clone()).is_err());
         json["resources"]["cpu_milli"] = serde_json::json!(0);
-        let err = serde_json::from_value::<Workload>(json)
-            .unwrap_err()
-            .to_string();
+        let err = serde_json::from_value::<Workload>(json).unwrap_err().to_string();
         assert!(err.contains("workload.resources.cpu_milli"), "{err}");
     }
 
@@ -811,46 +710,34 @@ pub(crate) mod tests {
     fn unknown_fields_are_refused_not_dropped() {
         let mut json = serde_json::to_value(web()).unwrap();
         json["resources"]["cpus"] = serde_json::json!(2);
-        let err = serde_json::from_value::<Workload>(json)
-            .unwrap_err()
-            .to_string();
+        let err = serde_json::from_value::<Workload>(json).unwrap_err().to_string();
         assert!(err.contains("cpus"), "{err}");
     }
 
     #[test]
     fn container_rules() {
         let mut spec = web();
-        let WorkloadKind::Container(c) = &mut spec.kind else {
-            unreachable!()
-        };
+        let WorkloadKind::Container(c) = &mut spec.kind else { unreachable!() };
         c.image = String::new();
         assert_eq!(refused(spec).field(), "workload.kind.container.image");
 
         let mut spec = web();
-        let WorkloadKind::Container(c) = &mut spec.kind else {
-            unreachable!()
-        };
+        let WorkloadKind::Container(c) = &mut spec.kind else { unreachable!() };
         c.image = "bad image".into();
         assert_eq!(refused(spec).field(), "workload.kind.container.image");
 
         let mut spec = web();
-        let WorkloadKind::Container(c) = &mut spec.kind else {
-            unreachable!()
-        };
+        let WorkloadKind::Container(c) = &mut spec.kind else { unreachable!() };
         c.command = vec!["x".into(); ARGS_LEN_MAX + 1];
         assert_eq!(refused(spec).field(), "workload.kind.container.command");
 
         let mut spec = web();
-        let WorkloadKind::Container(c) = &mut spec.kind else {
-            unreachable!()
-        };
+        let WorkloadKind::Container(c) = &mut spec.kind else { unreachable!() };
         c.env.insert("BAD KEY".into(), "v".into());
         assert_eq!(refused(spec).field(), "workload.kind.container.env");
 
         let mut spec = web();
-        let WorkloadKind::Container(c) = &mut spec.kind else {
-            unreachable!()
-        };
+        let WorkloadKind::Container(c) = &mut spec.kind else { unreachable!() };
         c.env.insert("BIG".into(), "v".repeat(VALUE_LEN_MAX + 1));
         assert_eq!(refused(spec).field(), "workload.kind.container.env.BIG");
     }
@@ -862,18 +749,9 @@ pub(crate) mod tests {
                 Box::new(|vm: &mut VmSpec| vm.vcpus = 0) as Box<dyn Fn(&mut VmSpec)>,
                 "workload.kind.vm.vcpus",
             ),
-            (
-                Box::new(|vm: &mut VmSpec| vm.vcpus = 1_000),
-                "workload.kind.vm.vcpus",
-            ),
-            (
-                Box::new(|vm: &mut VmSpec| vm.memory_mib = 1),
-                "workload.kind.vm.memory_mib",
-            ),
-            (
-                Box::new(|vm: &mut VmSpec| vm.disk_gib = 0),
-                "workload.kind.vm.disk_gib",
-            ),
+            (Box::new(|vm: &mut VmSpec| vm.vcpus = 1_000), "workload.kind.vm.vcpus"),
+            (Box::new(|vm: &mut VmSpec| vm.memory_mib = 1), "workload.kind.vm.memory_mib"),
+            (Box::new(|vm: &mut VmSpec| vm.disk_gib = 0), "workload.kind.vm.disk_gib"),
             (
                 Box::new(|vm: &mut VmSpec| {
                     vm.cloud_init = Some("x".repeat(CLOUD_INIT_LEN_MAX + 1))
@@ -881,19 +759,11 @@ pub(crate) mod tests {
                 "workload.kind.vm.cloud_init",
             ),
             // The request no longer covers the guest.
-            (
-                Box::new(|vm: &mut VmSpec| vm.vcpus = 4),
-                "workload.resources.cpu_milli",
-            ),
-            (
-                Box::new(|vm: &mut VmSpec| vm.memory_mib = 4_096),
-                "workload.resources.memory_mib",
-            ),
+            (Box::new(|vm: &mut VmSpec| vm.vcpus = 4), "workload.resources.cpu_milli"),
+            (Box::new(|vm: &mut VmSpec| vm.memory_mib = 4_096), "workload.resources.memory_mib"),
         ] {
             let mut spec = vm();
-            let WorkloadKind::Vm(v) = &mut spec.kind else {
-                unreachable!()
-            };
+            let WorkloadKind::Vm(v) = &mut spec.kind else { unreachable!() };
             mutate(v);
             assert_eq!(refused(spec).field(), field);
         }
@@ -906,17 +776,12 @@ pub(crate) mod tests {
         assert_eq!(refused(spec).field(), "workload.placement.sites");
 
         let mut spec = web();
-        spec.placement.latency = vec![LatencyTarget {
-            source: Name::new("eu").unwrap(),
-            max_ms: 0,
-        }];
+        spec.placement.latency =
+            vec![LatencyTarget { source: Name::new("eu").unwrap(), max_ms: 0 }];
         assert_eq!(refused(spec).field(), "workload.placement.latency.max_ms");
 
         let mut spec = web();
-        spec.update = UpdateStrategy {
-            max_unavailable: 0,
-            max_surge: 0,
-        };
+        spec.update = UpdateStrategy { max_unavailable: 0, max_surge: 0 };
         assert_eq!(refused(spec).field(), "workload.update");
 
         let mut spec = web();
@@ -937,41 +802,25 @@ pub(crate) mod tests {
                 disk_gib: 1_000,
                 gpus: 0,
             },
-            capabilities: Capabilities {
-                container: true,
-                vm: true,
-            },
+            capabilities: Capabilities { container: true, vm: true },
             labels: BTreeMap::new(),
             state: HostState::Joining,
         };
         assert!(host.validate().is_ok());
         host.capacity.cpu_milli = 0;
-        assert_eq!(
-            host.validate().unwrap_err().field(),
-            "host.capacity.cpu_milli"
-        );
+        assert_eq!(host.validate().unwrap_err().field(), "host.capacity.cpu_milli");
         host.capacity.cpu_milli = 1;
-        host.labels = (0..=LABELS_LEN_MAX)
-            .map(|i| (format!("k{i}"), String::new()))
-            .collect();
+        host.labels = (0..=LABELS_LEN_MAX).map(|i| (format!("k{i}"), String::new())).collect();
         assert_eq!(host.validate().unwrap_err().field(), "host.labels");
 
         let mut tenant = Tenant {
             id: TenantId::new("acme").unwrap(),
-            quota: Quota {
-                cpu_milli: 1_000,
-                memory_mib: 1_024,
-                replicas: 10,
-                workloads: 2,
-            },
+            quota: Quota { cpu_milli: 1_000, memory_mib: 1_024, replicas: 10, workloads: 2 },
             home_cell: None,
         };
         assert!(tenant.validate().is_ok());
         tenant.quota.replicas = 0;
-        assert_eq!(
-            tenant.validate().unwrap_err().field(),
-            "tenant.quota.replicas"
-        );
+        assert_eq!(tenant.validate().unwrap_err().field(), "tenant.quota.replicas");
 
         let site = Site {
             id: SiteId::new("edge-1").unwrap(),
@@ -981,38 +830,18 @@ pub(crate) mod tests {
         };
         assert_eq!(site.validate().unwrap_err().field(), "site.location");
 
-        let cell = Cell {
-            id: CellId::new("c").unwrap(),
-            site: SiteId::new("s").unwrap(),
-            host_target: 0,
-        };
+        let cell =
+            Cell { id: CellId::new("c").unwrap(), site: SiteId::new("s").unwrap(), host_target: 0 };
         assert_eq!(cell.validate().unwrap_err().field(), "cell.host_target");
     }
 
     #[test]
     fn resources_fit() {
-        let free = Resources {
-            cpu_milli: 1_000,
-            memory_mib: 1_024,
-            disk_gib: 10,
-            gpus: 1,
-        };
+        let free = Resources { cpu_milli: 1_000, memory_mib: 1_024, disk_gib: 10, gpus: 1 };
         assert!(
-            Resources {
-                cpu_milli: 1_000,
-                memory_mib: 1_024,
-                disk_gib: 10,
-                gpus: 1
-            }
-            .fits_in(&free)
+            Resources { cpu_milli: 1_000, memory_mib: 1_024, disk_gib: 10, gpus: 1 }.fits_in(&free)
         );
-        assert!(
-            !Resources {
-                cpu_milli: 1_001,
-                ..free
-            }
-            .fits_in(&free)
-        );
+        assert!(!Resources { cpu_milli: 1_001, ..free }.fits_in(&free));
         assert!(!Resources { gpus: 2, ..free }.fits_in(&free));
     }
 }

@@ -68,10 +68,7 @@ fn check_name(value: &str) -> Result<(), &'static str> {
     if bytes.len() > NAME_LEN_MAX {
         return Err("must be at most 63 characters");
     }
-    if !bytes
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-    {
+    if !bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-') {
         return Err("may contain only lowercase ASCII letters, digits and '-'");
     }
     if !first.is_ascii_lowercase() {
@@ -186,10 +183,7 @@ mod tests {
     #[test]
     fn accepts_dns_labels() {
         for ok in ["a", "web", "web-1", "a1b2", &"x".repeat(63)] {
-            assert_eq!(
-                Name::new(ok).map(|n| n.as_str().to_owned()),
-                Ok(ok.to_owned())
-            );
+            assert_eq!(Name::new(ok).map(|n| n.as_str().to_owned()), Ok(ok.to_owned()));
         }
     }
 
@@ -197,22 +191,10 @@ mod tests {
     fn refuses_each_rule_with_its_reason() {
         assert_eq!(rule_of(""), "must not be empty");
         assert_eq!(rule_of(&"x".repeat(64)), "must be at most 63 characters");
-        assert_eq!(
-            rule_of("Web"),
-            "may contain only lowercase ASCII letters, digits and '-'"
-        );
-        assert_eq!(
-            rule_of("wéb"),
-            "may contain only lowercase ASCII letters, digits and '-'"
-        );
-        assert_eq!(
-            rule_of("a_b"),
-            "may contain only lowercase ASCII letters, digits and '-'"
-        );
-        assert_eq!(
-            rule_of("a.b"),
-            "may contain only lowercase ASCII letters, digits and '-'"
-        );
+        assert_eq!(rule_of("Web"), "may contain only lowercase ASCII letters, digits and '-'");
+        assert_eq!(rule_of("wéb"), "may contain only lowercase ASCII letters, digits and '-'");
+        assert_eq!(rule_of("a_b"), "may contain only lowercase ASCII letters, digits and '-'");
+        assert_eq!(rule_of("a.b"), "may contain only lowercase ASCII letters, digits and '-'");
         assert_eq!(rule_of("1abc"), "must start with a lowercase letter");
         assert_eq!(rule_of("-abc"), "must start with a lowercase letter");
         assert_eq!(rule_of("abc-"), "must end with a letter or digit");
@@ -225,11 +207,7 @@ mod tests {
         assert_eq!(err.field(), "tenant");
         let message = err.to_string();
         assert!(message.starts_with("tenant: "), "{message}");
-        assert!(
-            message.len() < 300,
-            "a huge value must not be echoed whole: {}",
-            message.len()
-        );
+        assert!(message.len() < 300, "a huge value must not be echoed whole: {}", message.len());
     }
 
     #[test]

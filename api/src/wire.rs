@@ -254,10 +254,7 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, WireError> {
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     let len = HEADER_LEN + body.len();
     if len > FRAME_LEN_MAX {
-        return Err(WireError::EncodeTooLarge {
-            len,
-            max: FRAME_LEN_MAX,
-        });
+        return Err(WireError::EncodeTooLarge { len, max: FRAME_LEN_MAX });
     }
     let mut frame = Vec::with_capacity(len);
     frame.extend_from_slice(&MAGIC);
@@ -277,18 +274,12 @@ pub fn peek_body_len(header: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
     }
     let version = u16::from_le_bytes([header[2], header[3]]);
     if version != WIRE_VERSION {
-        return Err(WireError::UnsupportedVersion {
-            found: version,
-            supported: WIRE_VERSION,
-        });
+        return Err(WireError::UnsupportedVersion { found: version, supported: WIRE_VERSION });
     }
     let body_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
     let len = HEADER_LEN.saturating_add(body_len);
     if len > FRAME_LEN_MAX {
-        return Err(WireError::TooLarge {
-            len,
-            max: FRAME_LEN_MAX,
-        });
+        return Err(WireError::TooLarge { len, max: FRAME_LEN_MAX });
     }
     Ok(body_len)
 }
@@ -296,28 +287,17 @@ pub fn peek_body_len(header: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
 /// Decodes one whole frame: checked access, then the model's rules.
 pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
     if frame.len() > FRAME_LEN_MAX {
-        return Err(WireError::TooLarge {
-            len: frame.len(),
-            max: FRAME_LEN_MAX,
-        });
+        return Err(WireError::TooLarge { len: frame.len(), max: FRAME_LEN_MAX });
     }
     let Some((header, body)) = frame.split_first_chunk::<HEADER_LEN>() else {
-        return Err(WireError::Truncated {
-            len: frame.len(),
-            need: HEADER_LEN,
-        });
+        return Err(WireError::Truncated { len: frame.len(), need: HEADER_LEN });
     };
     let body_len = peek_body_len(header)?;
     if body.len() < body_len {
-        return Err(WireError::Truncated {
-            len: frame.len(),
-            need: HEADER_LEN + body_len,
-        });
+        return Err(WireError::Truncated { len: frame.len(), need: HEADER_LEN + body_len });
     }
     if body.len() > body_len {
-        return Err(WireError::TrailingBytes {
-            extra: body.len() - body_len,
-        });
+        return Err(WireError::TrailingBytes { extra: body.len() - body_len });
     }
     decode_body(body)
 }
@@ -378,10 +358,7 @@ mod tests {
                         disk_gib: 100,
                         gpus: 1,
                     },
-                    capabilities: Capabilities {
-                        container: true,
-                        vm: false,
-                    },
+                    capabilities: Capabilities { container: true, vm: false },
                     labels: Default::default(),
                     state: HostState::Joining,
                 },
@@ -417,13 +394,7 @@ mod tests {
 
     #[test]
     fn empty_and_truncated_frames() {
-        assert_eq!(
-            decode(&[]),
-            Err(WireError::Truncated {
-                len: 0,
-                need: HEADER_LEN
-            })
-        );
+        assert_eq!(decode(&[]), Err(WireError::Truncated { len: 0, need: HEADER_LEN }));
         let frame = encode(&assign()).unwrap();
         for cut in [1, HEADER_LEN - 1, HEADER_LEN, frame.len() - 1] {
             assert!(
@@ -444,13 +415,7 @@ mod tests {
     fn newer_version_and_bad_magic_are_typed() {
         let mut frame = encode(&assign()).unwrap();
         frame[2..4].copy_from_slice(&2u16.to_le_bytes());
-        assert_eq!(
-            decode(&frame),
-            Err(WireError::UnsupportedVersion {
-                found: 2,
-                supported: 1
-            })
-        );
+        assert_eq!(decode(&frame), Err(WireError::UnsupportedVersion { found: 2, supported: 1 }));
         frame[0] = b'X';
         assert!(matches!(decode(&frame), Err(WireError::BadMagic { .. })));
     }
@@ -461,22 +426,13 @@ mod tests {
         header[..2].copy_from_slice(&MAGIC);
         header[2..4].copy_from_slice(&WIRE_VERSION.to_le_bytes());
         header[4..].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            peek_body_len(&header),
-            Err(WireError::TooLarge { .. })
-        ));
-        assert!(matches!(
-            decode(&vec![0u8; FRAME_LEN_MAX + 1]),
-            Err(WireError::TooLarge { .. })
-        ));
+        assert!(matches!(peek_body_len(&header), Err(WireError::TooLarge { .. })));
+        assert!(matches!(decode(&vec![0u8; FRAME_LEN_MAX + 1]), Err(WireError::TooLarge { .. })));
         let huge = Message::Error(ErrorReply {
             code: ErrorCode::Invalid,
             detail: "x".repeat(FRAME_LEN_MAX),
         });
-        assert!(matches!(
-            encode(&huge),
-            Err(WireError::EncodeTooLarge { .. })
-        ));
+        assert!(matches!(encode(&huge), Err(WireError::EncodeTooLarge { .. })));
     }
 
     #[test]
@@ -497,9 +453,7 @@ mod tests {
     #[test]
     fn structurally_valid_but_semantically_invalid_is_refused() {
         let mut message = assign();
-        let Message::Assign(a) = &mut message else {
-            unreachable!()
-        };
+        let Message::Assign(a) = &mut message else { unreachable!() };
         a.spec.resources.cpu_milli = 0;
         let frame = encode(&message).unwrap();
         match decode(&frame) {
@@ -511,10 +465,7 @@ mod tests {
         let at = good.windows(4).position(|w| w == b"acme").unwrap();
         let mut bad = good.clone();
         bad[at] = b'A';
-        assert!(matches!(
-            decode(&bad),
-            Err(WireError::Invalid(ModelError::InvalidName { .. }))
-        ));
+        assert!(matches!(decode(&bad), Err(WireError::Invalid(ModelError::InvalidName { .. }))));
     }
 
     proptest! {

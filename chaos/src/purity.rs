@@ -8,38 +8,20 @@
 pub const FORBIDDEN: &[(&str, &str)] = &[
     ("Instant::now", "reads the clock: take `now` as an input"),
     ("SystemTime::now", "reads the clock: take `now` as an input"),
-    (
-        "thread_rng",
-        "draws randomness: take a seeded generator as an input",
-    ),
-    (
-        "rand::rng",
-        "draws randomness: take a seeded generator as an input",
-    ),
-    (
-        "OsRng",
-        "draws randomness: take a seeded generator as an input",
-    ),
-    (
-        "getrandom",
-        "draws randomness: take a seeded generator as an input",
-    ),
+    ("thread_rng", "draws randomness: take a seeded generator as an input"),
+    ("rand::rng", "draws randomness: take a seeded generator as an input"),
+    ("OsRng", "draws randomness: take a seeded generator as an input"),
+    ("getrandom", "draws randomness: take a seeded generator as an input"),
     ("tokio::spawn", "spawns a task: return an effect instead"),
     ("thread::spawn", "spawns a thread: return an effect instead"),
-    (
-        "tokio::time",
-        "uses timers: take `now` as an input and return deadlines",
-    ),
+    ("tokio::time", "uses timers: take `now` as an input and return deadlines"),
     ("std::fs", "does file IO: return an effect instead"),
     ("tokio::fs", "does file IO: return an effect instead"),
     ("std::net", "does network IO: return an effect instead"),
     ("tokio::net", "does network IO: return an effect instead"),
     ("quinn::", "does network IO: return an effect instead"),
     ("std::process", "starts processes: return an effect instead"),
-    (
-        "std::env::var",
-        "reads the environment: take configuration as an input",
-    ),
+    ("std::env::var", "reads the environment: take configuration as an input"),
 ];
 
 /// One forbidden use found in a source file.
@@ -60,11 +42,7 @@ pub fn impurities(source: &str) -> Vec<Impurity> {
         let code = line.split("//").next().unwrap_or_default();
         for &(pattern, reason) in FORBIDDEN {
             if code.contains(pattern) {
-                found.push(Impurity {
-                    line: index + 1,
-                    pattern,
-                    reason,
-                });
+                found.push(Impurity { line: index + 1, pattern, reason });
             }
         }
     }
@@ -78,14 +56,8 @@ mod tests {
     #[test]
     fn finds_each_kind_of_impurity() {
         let source = "fn f() {\n    let t = std::time::Instant::now();\n    tokio::spawn(async {});\n    let _ = std::fs::read(\"x\");\n}\n";
-        let found: Vec<_> = impurities(source)
-            .iter()
-            .map(|i| (i.line, i.pattern))
-            .collect();
-        assert_eq!(
-            found,
-            [(2, "Instant::now"), (3, "tokio::spawn"), (4, "std::fs")]
-        );
+        let found: Vec<_> = impurities(source).iter().map(|i| (i.line, i.pattern)).collect();
+        assert_eq!(found, [(2, "Instant::now"), (3, "tokio::spawn"), (4, "std::fs")]);
     }
 
     #[test]

@@ -25,10 +25,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn core_files(workspace: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     rust_files(&workspace.join("api/src"), &mut files);
-    for entry in std::fs::read_dir(workspace)
-        .expect("workspace readable")
-        .flatten()
-    {
+    for entry in std::fs::read_dir(workspace).expect("workspace readable").flatten() {
         rust_files(&entry.path().join("src/core"), &mut files);
     }
     files
@@ -36,20 +33,12 @@ fn core_files(workspace: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn no_core_reads_the_clock_draws_randomness_or_does_io() {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("chaos is in the workspace");
+    let workspace =
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("chaos is in the workspace");
     let files = core_files(workspace);
     // The guard guards something: the model and at least the cell and storage cores.
-    for must in [
-        "api/src/wire.rs",
-        "cell/src/core/fencing.rs",
-        "storage/src/core/resolver.rs",
-    ] {
-        assert!(
-            files.iter().any(|f| f.ends_with(must)),
-            "core file {must} not found by the scan"
-        );
+    for must in ["api/src/wire.rs", "cell/src/core/fencing.rs", "storage/src/core/resolver.rs"] {
+        assert!(files.iter().any(|f| f.ends_with(must)), "core file {must} not found by the scan");
     }
     let mut report = String::new();
     for file in &files {

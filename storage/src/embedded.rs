@@ -24,10 +24,10 @@ use std::thread::JoinHandle;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use crate::core::resolver::{KeyRange, Resolver, Verdict};
+use crate::core::resolver::{Key, KeyRange, Resolver, Verdict};
 use crate::error::{Result, StorageError};
 use crate::queue::{BatchQueue, PushError};
-use crate::{RangeOptions, RangeResult, TRANSACTION_BYTES_MAX, key_after};
+use crate::{RangeOptions, RangeResult, TRANSACTION_BYTES_MAX, decode_counter, key_after};
 
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -42,6 +42,8 @@ pub struct EmbeddedOptions {
     pub batch_len_max: usize,
     /// Most commits the conflict history remembers (older readers get `TransactionTooOld`).
     pub history_len_max: usize,
+    /// Most written keys and ranges the conflict history holds (bounds its memory).
+    pub history_writes_max: usize,
     /// Verify every page's checksum when opening (slower opens, no trust in a damaged file).
     pub check_integrity_on_open: bool,
     /// Page cache size in bytes.
@@ -54,6 +56,7 @@ impl Default for EmbeddedOptions {
             queue_len_max: 16_384,
             batch_len_max: 4_096,
             history_len_max: 100_000,
+            history_writes_max: 1_000_000,
             check_integrity_on_open: true,
             cache_bytes: 256 << 20,
         }
@@ -63,17 +66,28 @@ impl Default for EmbeddedOptions {
 /// One mutation, applied in order at commit.
 #[derive(Debug, Clone)]
 enum Mutation {
-    Set(Vec<u8>, Vec<u8>),
-    Clear(Vec<u8>),
-    ClearRange(Vec<u8>, Vec<u8>),
-    Add(Vec<u8>, i64),
+    Set(Key, Key),
+    Clear(Key),
+    ClearRange(Key, Key),
+    Add(Key, i64),
+}
+
+impl Mutation {
+    /// What the mutation wrote, for the conflict history (moves the keys, copies nothing).
+    fn into_write(self) -> KeyRange {
+        match self {
+            Mutation::Set(key, _) | Mutation::Clear(key) | Mutation::Add(key, _) => {
+                KeyRange::Key(key)
+            }
+            Mutation::ClearRange(begin, end) => KeyRange::Range { begin, end },
+        }
+    }
 }
 
 /// A commit waiting for the writer thread.
 struct CommitRequest {
     read_version: u64,
     reads: Vec<KeyRange>,
-    writes: Vec<KeyRange>,
     mutations: Vec<Mutation>,
     reply: oneshot::Sender<Result<u64>>,
 }
@@ -95,10 +109,8 @@ pub(crate) struct Engine {
 impl Engine {
     /// Opens (or creates) the store at `path`.
     pub(crate) fn open(path: &Path, options: EmbeddedOptions) -> Result<Self> {
-        let open_error = |reason: String| StorageError::Open {
-            path: path.display().to_string(),
-            reason,
-        };
+        let open_error =
+            |reason: String| StorageError::Open { path: path.display().to_string(), reason };
         let mut builder = redb::Builder::new();
         builder.set_check_integrity_on_open(options.check_integrity_on_open);
         builder.set_cache_size(options.cache_bytes);
@@ -118,16 +130,14 @@ impl Engine {
         });
         let writer = {
             let shared = shared.clone();
-            let resolver = Resolver::new(version, options.history_len_max);
+            let resolver =
+                Resolver::new(version, options.history_len_max, options.history_writes_max);
             std::thread::Builder::new()
                 .name("cellplane-storage-writer".into())
                 .spawn(move || write_loop(&shared, resolver, options.batch_len_max))
                 .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?
         };
-        Ok(Self {
-            shared,
-            writer: Mutex::new(Some(writer)),
-        })
+        Ok(Self { shared, writer: Mutex::new(Some(writer)) })
     }
 
     /// Starts a transaction at the newest durable version.
@@ -145,7 +155,6 @@ impl Engine {
                 cleared: Vec::new(),
                 mutations: Vec::new(),
                 reads: Vec::new(),
-                writes: Vec::new(),
                 bytes: 0,
             })),
         })
@@ -186,16 +195,14 @@ fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
             {
                 let mut data = tx.open_table(DATA)?;
                 for request in batch.drain(..) {
-                    let CommitRequest {
-                        read_version,
-                        reads,
-                        writes,
-                        mutations,
-                        reply,
-                    } = request;
-                    match resolver.handle_commit(read_version, &reads, writes) {
+                    let CommitRequest { read_version, reads, mutations, reply } = request;
+                    match resolver.handle_commit(read_version, &reads) {
                         Verdict::Commit(version) => {
-                            apply(&mut data, &mutations)?;
+                            let applied = apply(&mut data, &mutations);
+                            resolver.handle_writes(
+                                mutations.into_iter().map(Mutation::into_write).collect(),
+                            );
+                            applied?;
                             accepted.push((reply, version));
                         }
                         Verdict::Conflict => {
@@ -209,17 +216,14 @@ fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
                         }
                     }
                 }
-                tx.open_table(META)?
-                    .insert(META_VERSION, resolver.version())?;
+                tx.open_table(META)?.insert(META_VERSION, resolver.version())?;
             }
             tx.commit()?;
             Ok(())
         })();
         match outcome {
             Ok(()) => {
-                shared
-                    .committed
-                    .store(resolver.version(), Ordering::Release);
+                shared.committed.store(resolver.version(), Ordering::Release);
                 for (reply, version) in accepted.drain(..) {
                     let _ = reply.send(Ok(version));
                 }
@@ -232,9 +236,8 @@ fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
                 }
                 // Requests of this batch not yet resolved get the same answer.
                 for request in batch.drain(..) {
-                    let _ = request
-                        .reply
-                        .send(Err(StorageError::CommitUnknownResult(e.to_string())));
+                    let _ =
+                        request.reply.send(Err(StorageError::CommitUnknownResult(e.to_string())));
                 }
             }
         }
@@ -248,20 +251,17 @@ fn apply(
     for mutation in mutations {
         match mutation {
             Mutation::Set(key, value) => {
-                data.insert(key.as_slice(), value.as_slice())?;
+                data.insert(&**key, &**value)?;
             }
             Mutation::Clear(key) => {
-                data.remove(key.as_slice())?;
+                data.remove(&**key)?;
             }
             Mutation::ClearRange(begin, end) => {
-                data.retain_in(begin.as_slice()..end.as_slice(), |_, _| false)?;
+                data.retain_in(&**begin..&**end, |_, _| false)?;
             }
             Mutation::Add(key, delta) => {
-                let sum = add(
-                    data.get(key.as_slice())?.as_ref().map(|v| v.value()),
-                    *delta,
-                );
-                data.insert(key.as_slice(), sum.as_slice())?;
+                let sum = add(data.get(&**key)?.as_ref().map(|v| v.value()), *delta);
+                data.insert(&**key, &sum[..])?;
             }
         }
     }
@@ -270,23 +270,15 @@ fn apply(
 
 /// FoundationDB's ADD on a little-endian 64-bit integer: a missing value counts as zero, a
 /// shorter one is zero-extended, a longer one is cut; the sum wraps.
-fn add(base: Option<&[u8]>, delta: i64) -> Vec<u8> {
-    let mut bytes = [0u8; 8];
-    if let Some(base) = base {
-        let n = base.len().min(8);
-        bytes[..n].copy_from_slice(&base[..n]);
-    }
-    i64::from_le_bytes(bytes)
-        .wrapping_add(delta)
-        .to_le_bytes()
-        .to_vec()
+fn add(base: Option<&[u8]>, delta: i64) -> [u8; 8] {
+    decode_counter(base.unwrap_or_default()).wrapping_add(delta).to_le_bytes()
 }
 
 /// What a transaction has done to a key, for reading its own writes.
 #[derive(Debug, Clone)]
 enum Local {
     /// Set (`Some`) or cleared (`None`).
-    Value(Option<Vec<u8>>),
+    Value(Option<Key>),
     /// An atomic add on top of whatever the store holds.
     Add(i64),
 }
@@ -295,11 +287,10 @@ struct TxState {
     read_version: u64,
     /// The read snapshot; `None` once finished.
     table: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
-    overlay: BTreeMap<Vec<u8>, Local>,
+    overlay: BTreeMap<Key, Local>,
     cleared: Vec<KeyRange>,
     mutations: Vec<Mutation>,
     reads: Vec<KeyRange>,
-    writes: Vec<KeyRange>,
     /// Bytes of keys and values written, against [`TRANSACTION_BYTES_MAX`].
     bytes: usize,
 }
@@ -319,22 +310,16 @@ impl Tx {
     pub(crate) fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Vec<u8>>> {
         let mut state = lock(&self.state);
         if !snapshot {
-            state.reads.push(KeyRange::single(key));
+            state.reads.push(KeyRange::Key(key.into()));
         }
         let stored = |state: &TxState| -> Result<Option<Vec<u8>>> {
             let table = state.table.as_ref().ok_or(StorageError::Finished)?;
             Ok(table.get(key).map_err(engine)?.map(|v| v.value().to_vec()))
         };
         match state.overlay.get(key) {
-            Some(Local::Value(value)) => Ok(value.clone()),
-            Some(Local::Add(delta)) => Ok(Some(add(stored(&state)?.as_deref(), *delta))),
-            None if state
-                .cleared
-                .iter()
-                .any(|r| r.overlaps(&KeyRange::single(key))) =>
-            {
-                Ok(None)
-            }
+            Some(Local::Value(value)) => Ok(value.as_deref().map(<[u8]>::to_vec)),
+            Some(Local::Add(delta)) => Ok(Some(add(stored(&state)?.as_deref(), *delta).to_vec())),
+            None if state.cleared.iter().any(|r| r.contains(key)) => Ok(None),
             None => stored(&state),
         }
     }
@@ -349,20 +334,14 @@ impl Tx {
         let overlay = &state.overlay;
         let cleared = &state.cleared;
         let raw = table.range(begin..end).map_err(engine)?;
-        let raw: Box<dyn Iterator<Item = _>> = if options.reverse {
-            Box::new(raw.rev())
-        } else {
-            Box::new(raw)
-        };
+        let raw: Box<dyn Iterator<Item = _>> =
+            if options.reverse { Box::new(raw.rev()) } else { Box::new(raw) };
         let mut stored = raw
-            .map(|row| {
-                row.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
-                    .map_err(engine)
-            })
+            .map(|row| row.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())).map_err(engine))
             .filter(|row| match row {
                 Ok((key, _)) => {
-                    !overlay.contains_key(key)
-                        && !cleared.iter().any(|r| r.overlaps(&KeyRange::single(key)))
+                    !overlay.contains_key(key.as_slice())
+                        && !cleared.iter().any(|r| r.contains(key))
                 }
                 Err(_) => true,
             })
@@ -370,25 +349,20 @@ impl Tx {
 
         // The transaction's own rows in the range.
         let local = overlay.range::<[u8], _>((Bound::Included(begin), Bound::Excluded(end)));
-        let local: Box<dyn Iterator<Item = _>> = if options.reverse {
-            Box::new(local.rev())
-        } else {
-            Box::new(local)
-        };
+        let local: Box<dyn Iterator<Item = _>> =
+            if options.reverse { Box::new(local.rev()) } else { Box::new(local) };
         let mut own = local
             .filter_map(|(key, local)| match local {
                 Local::Value(None) => None,
-                Local::Value(Some(value)) => Some(Ok((key.clone(), value.clone()))),
-                Local::Add(delta) => Some(
-                    table
-                        .get(key.as_slice())
-                        .map_err(engine)
-                        .map(|base| (key.clone(), add(base.as_ref().map(|v| v.value()), *delta))),
-                ),
+                Local::Value(Some(value)) => Some(Ok((key.to_vec(), value.to_vec()))),
+                Local::Add(delta) => Some(table.get(&**key).map_err(engine).map(|base| {
+                    (key.to_vec(), add(base.as_ref().map(|v| v.value()), *delta).to_vec())
+                })),
             })
             .peekable();
 
-        // Merge the two ordered streams, up to the limit, plus one to learn whether there is more.
+        // Merge the two ordered streams up to the limit, peeking once more to learn if there is
+        // more. Keys never repeat: stored rows under the overlay were filtered out above.
         let mut rows = Vec::new();
         let more = loop {
             let take_own = match (stored.peek(), own.peek()) {
@@ -412,19 +386,15 @@ impl Tx {
         drop((stored, own));
 
         if !options.snapshot {
+            // What was read: the whole range, or up to the last row when the limit cut it.
             let read = match (more, rows.last()) {
-                (true, Some((last, _))) if options.reverse => KeyRange {
-                    begin: last.clone(),
-                    end: end.to_vec(),
-                },
-                (true, Some((last, _))) => KeyRange {
-                    begin: begin.to_vec(),
-                    end: key_after(last),
-                },
-                _ => KeyRange {
-                    begin: begin.to_vec(),
-                    end: end.to_vec(),
-                },
+                (true, Some((last, _))) if options.reverse => {
+                    KeyRange::Range { begin: last[..].into(), end: end.into() }
+                }
+                (true, Some((last, _))) => {
+                    KeyRange::Range { begin: begin.into(), end: key_after(last).into() }
+                }
+                _ => KeyRange::Range { begin: begin.into(), end: end.into() },
             };
             state.reads.push(read);
         }
@@ -433,56 +403,43 @@ impl Tx {
 
     pub(crate) fn set(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let mut state = self.writable(key.len() + value.len())?;
-        state
-            .overlay
-            .insert(key.to_vec(), Local::Value(Some(value.to_vec())));
-        state.writes.push(KeyRange::single(key));
-        state
-            .mutations
-            .push(Mutation::Set(key.to_vec(), value.to_vec()));
+        let (key, value): (Key, Key) = (key.into(), value.into());
+        state.overlay.insert(key.clone(), Local::Value(Some(value.clone())));
+        state.mutations.push(Mutation::Set(key, value));
         Ok(())
     }
 
     pub(crate) fn clear(&self, key: &[u8]) -> Result<()> {
         let mut state = self.writable(key.len())?;
-        state.overlay.insert(key.to_vec(), Local::Value(None));
-        state.writes.push(KeyRange::single(key));
-        state.mutations.push(Mutation::Clear(key.to_vec()));
+        let key: Key = key.into();
+        state.overlay.insert(key.clone(), Local::Value(None));
+        state.mutations.push(Mutation::Clear(key));
         Ok(())
     }
 
     pub(crate) fn clear_range(&self, begin: &[u8], end: &[u8]) -> Result<()> {
         let mut state = self.writable(begin.len() + end.len())?;
-        state
-            .overlay
-            .retain(|key, _| key.as_slice() < begin || key.as_slice() >= end);
-        let range = KeyRange {
-            begin: begin.to_vec(),
-            end: end.to_vec(),
-        };
-        state.cleared.push(range.clone());
-        state.writes.push(range);
-        state
-            .mutations
-            .push(Mutation::ClearRange(begin.to_vec(), end.to_vec()));
+        state.overlay.retain(|key, _| **key < *begin || **key >= *end);
+        let (begin, end): (Key, Key) = (begin.into(), end.into());
+        state.cleared.push(KeyRange::Range { begin: begin.clone(), end: end.clone() });
+        state.mutations.push(Mutation::ClearRange(begin, end));
         Ok(())
     }
 
     pub(crate) fn atomic_add(&self, key: &[u8], delta: i64) -> Result<()> {
         let mut state = self.writable(key.len() + 8)?;
-        let cleared = state
-            .cleared
-            .iter()
-            .any(|r| r.overlaps(&KeyRange::single(key)));
+        let cleared = state.cleared.iter().any(|r| r.contains(key));
         let next = match state.overlay.get(key) {
-            Some(Local::Value(value)) => Local::Value(Some(add(value.as_deref(), delta))),
+            Some(Local::Value(value)) => {
+                Local::Value(Some(add(value.as_deref(), delta)[..].into()))
+            }
             Some(Local::Add(before)) => Local::Add(before.wrapping_add(delta)),
-            None if cleared => Local::Value(Some(add(None, delta))),
+            None if cleared => Local::Value(Some(add(None, delta)[..].into())),
             None => Local::Add(delta),
         };
-        state.overlay.insert(key.to_vec(), next);
-        state.writes.push(KeyRange::single(key));
-        state.mutations.push(Mutation::Add(key.to_vec(), delta));
+        let key: Key = key.into();
+        state.overlay.insert(key.clone(), next);
+        state.mutations.push(Mutation::Add(key, delta));
         Ok(())
     }
 
@@ -494,10 +451,7 @@ impl Tx {
         }
         let bytes = state.bytes.saturating_add(len);
         if bytes > TRANSACTION_BYTES_MAX {
-            return Err(StorageError::TransactionTooLarge {
-                bytes,
-                max: TRANSACTION_BYTES_MAX,
-            });
+            return Err(StorageError::TransactionTooLarge { bytes, max: TRANSACTION_BYTES_MAX });
         }
         state.bytes = bytes;
         Ok(state)
@@ -517,7 +471,6 @@ impl Tx {
             let request = CommitRequest {
                 read_version: state.read_version,
                 reads: std::mem::take(&mut state.reads),
-                writes: std::mem::take(&mut state.writes),
                 mutations: std::mem::take(&mut state.mutations),
                 reply,
             };
@@ -526,18 +479,14 @@ impl Tx {
         match self.shared.queue.push(request) {
             Ok(()) => {}
             Err(PushError::Full(_)) => {
-                return Err(StorageError::Overloaded {
-                    queued: self.shared.queue.len(),
-                });
+                return Err(StorageError::Overloaded { queued: self.shared.queue.len() });
             }
             Err(PushError::Closed(_)) => return Err(StorageError::Closed),
         }
         // A dropped reply means the writer died mid-batch: the outcome is unknown.
-        answer.await.unwrap_or_else(|_| {
-            Err(StorageError::CommitUnknownResult(
-                "the writer stopped".into(),
-            ))
-        })
+        answer
+            .await
+            .unwrap_or_else(|_| Err(StorageError::CommitUnknownResult("the writer stopped".into())))
     }
 
     pub(crate) fn cancel(&self) {

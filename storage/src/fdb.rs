@@ -35,9 +35,7 @@ impl FdbBackend {
 
     pub(crate) fn begin(&self) -> Result<Tx> {
         let tx = self.db.create_trx().map_err(map_error)?;
-        Ok(Tx {
-            inner: Arc::new(RwLock::new(Some(tx))),
-        })
+        Ok(Tx { inner: Arc::new(RwLock::new(Some(tx))) })
     }
 }
 
@@ -58,11 +56,7 @@ impl Tx {
     pub(crate) async fn get(&self, key: &[u8], snapshot: bool) -> Result<Option<Vec<u8>>> {
         let guard = self.inner.read().await;
         let tx = guard.as_ref().ok_or(StorageError::Finished)?;
-        Ok(tx
-            .get(key, snapshot)
-            .await
-            .map_err(map_error)?
-            .map(|v| v.to_vec()))
+        Ok(tx.get(key, snapshot).await.map_err(map_error)?.map(|v| v.to_vec()))
     }
 
     pub(crate) async fn get_range(&self, options: &RangeOptions) -> Result<RangeResult> {
@@ -74,18 +68,9 @@ impl Tx {
             mode: StreamingMode::WantAll,
             ..RangeOption::from((options.begin.clone(), options.end.clone()))
         };
-        let values = tx
-            .get_range(&range, 1, options.snapshot)
-            .await
-            .map_err(map_error)?;
-        let rows = values
-            .iter()
-            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
-            .collect();
-        Ok(RangeResult {
-            rows,
-            more: values.more(),
-        })
+        let values = tx.get_range(&range, 1, options.snapshot).await.map_err(map_error)?;
+        let rows = values.iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())).collect();
+        Ok(RangeResult { rows, more: values.more() })
     }
 
     fn with<T>(&self, f: impl FnOnce(&foundationdb::Transaction) -> T) -> Result<T> {
@@ -110,12 +95,7 @@ impl Tx {
     }
 
     pub(crate) async fn commit(&self) -> Result<u64> {
-        let tx = self
-            .inner
-            .write()
-            .await
-            .take()
-            .ok_or(StorageError::Finished)?;
+        let tx = self.inner.write().await.take().ok_or(StorageError::Finished)?;
         let committed = tx.commit().await.map_err(|e| map_error(*e))?;
         Ok(u64::try_from(committed.committed_version().map_err(map_error)?).unwrap_or(0))
     }
@@ -135,14 +115,8 @@ fn map_error(e: FdbError) -> StorageError {
         1020 => StorageError::Conflict, // not_committed
         1021 => StorageError::CommitUnknownResult(e.to_string()), // commit_unknown_result
         // transaction_too_old: FoundationDB does not say which versions; 0 marks "unknown".
-        1007 => StorageError::TransactionTooOld {
-            read_version: 0,
-            oldest: 0,
-        },
-        2101 => StorageError::TransactionTooLarge {
-            bytes: 0,
-            max: TRANSACTION_BYTES_MAX,
-        },
+        1007 => StorageError::TransactionTooOld { read_version: 0, oldest: 0 },
+        2101 => StorageError::TransactionTooLarge { bytes: 0, max: TRANSACTION_BYTES_MAX },
         1025 => StorageError::Finished, // transaction_cancelled
         _ if e.is_retryable() => StorageError::Unavailable(e.to_string()),
         _ => StorageError::Engine(e.to_string()),

@@ -5,11 +5,14 @@
 //! bounded channel (a full channel makes the caller wait: backpressure, not growth). The task
 //! takes everything waiting, up to [`GroupOptions::batch_len_max`] submissions or
 //! [`GroupOptions::batch_bytes_max`] bytes, writes it in one transaction, commits, and answers
-//! every submission with the commit's result. Blind writes read nothing, so a batch never
+//! every submission with the commit's result. Up to [`GroupOptions::in_flight_max`] batches
+//! commit at once, so the next batch gathers while the previous one is being made durable. Blind writes read nothing, so a batch never
 //! conflicts; an `Overloaded` store is retried with backoff; a `CommitUnknownResult` goes back to
 //! each caller, who retries with its own idempotency key.
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{Database, Result, StorageError, TRANSACTION_BYTES_MAX};
 
@@ -45,6 +48,8 @@ pub struct GroupOptions {
     pub batch_bytes_max: usize,
     /// Most attempts when the store is overloaded.
     pub attempts_max: u32,
+    /// Most batches committing at once: the next batch forms while earlier ones are durable-ing.
+    pub in_flight_max: usize,
 }
 
 impl Default for GroupOptions {
@@ -54,6 +59,7 @@ impl Default for GroupOptions {
             batch_len_max: 4_096,
             batch_bytes_max: TRANSACTION_BYTES_MAX / 2,
             attempts_max: 8,
+            in_flight_max: 2,
         }
     }
 }
@@ -64,21 +70,31 @@ struct Submission {
     reply: oneshot::Sender<Result<u64>>,
 }
 
-/// A handle on a committer task. Clones share the task; it ends when every handle is dropped.
+/// A handle on a committer task. Clones share the task; it ends when every handle is dropped
+/// (or joined), after answering everything already submitted.
 #[derive(Clone)]
 pub struct GroupCommitter {
     submissions: mpsc::Sender<Submission>,
     options: GroupOptions,
+    task: Arc<tokio::task::JoinHandle<()>>,
 }
 
 impl GroupCommitter {
     /// Starts a committer over `db` on the current tokio runtime.
     pub fn spawn(db: Database, options: GroupOptions) -> Self {
         let (submissions, receiver) = mpsc::channel(options.queue_len_max);
-        tokio::spawn(commit_loop(db, receiver, options));
-        Self {
-            submissions,
-            options,
+        let task = Arc::new(tokio::spawn(commit_loop(db, receiver, options)));
+        Self { submissions, options, task }
+    }
+
+    /// Drops this handle; if it was the last one, waits until the committer has answered
+    /// everything submitted and released the store.
+    pub async fn join(self) {
+        let Self { submissions, task, .. } = self;
+        drop(submissions);
+        if let Ok(task) = Arc::try_unwrap(task) {
+            // The loop only returns; a panic in it has already failed every waiting caller.
+            let _ = task.await;
         }
     }
 
@@ -93,11 +109,7 @@ impl GroupCommitter {
         }
         let (reply, answer) = oneshot::channel();
         self.submissions
-            .send(Submission {
-                writes,
-                bytes,
-                reply,
-            })
+            .send(Submission { writes, bytes, reply })
             .await
             .map_err(|_| StorageError::Closed)?;
         answer.await.unwrap_or(Err(StorageError::Closed))
@@ -109,17 +121,23 @@ async fn commit_loop(
     mut receiver: mpsc::Receiver<Submission>,
     options: GroupOptions,
 ) {
-    let mut batch: Vec<Submission> = Vec::with_capacity(options.batch_len_max);
+    let in_flight = Arc::new(Semaphore::new(options.in_flight_max.max(1)));
     let mut carry: Option<Submission> = None;
     loop {
+        // Wait for a free commit slot first: while every slot is busy, submissions pile up in
+        // the channel, and the next batch takes them all.
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let first = match carry.take() {
             Some(first) => first,
             None => match receiver.recv().await {
                 Some(first) => first,
-                None => return,
+                None => break,
             },
         };
         let mut bytes = first.bytes;
+        let mut batch = Vec::with_capacity(options.batch_len_max.min(receiver.len() + 1));
         batch.push(first);
         while batch.len() < options.batch_len_max {
             match receiver.try_recv() {
@@ -134,15 +152,21 @@ async fn commit_loop(
                 Err(_) => break,
             }
         }
-        let outcome = commit_batch(&db, &batch, options.attempts_max).await;
-        for submission in batch.drain(..) {
-            let answer = match &outcome {
-                Ok(version) => Ok(*version),
-                Err(e) => Err(copy_error(e)),
-            };
-            let _ = submission.reply.send(answer);
-        }
+        let db = db.clone();
+        tokio::spawn(async move {
+            let outcome = commit_batch(&db, &batch, options.attempts_max).await;
+            for submission in batch {
+                let answer = match &outcome {
+                    Ok(version) => Ok(*version),
+                    Err(e) => Err(copy_error(e)),
+                };
+                let _ = submission.reply.send(answer);
+            }
+            drop(slot);
+        });
     }
+    // Every handle is gone: wait for the commits still in flight before releasing the store.
+    let _ = in_flight.acquire_many(options.in_flight_max.max(1) as u32).await;
 }
 
 async fn commit_batch(db: &Database, batch: &[Submission], attempts_max: u32) -> Result<u64> {
@@ -174,5 +198,74 @@ fn copy_error(e: &StorageError) -> StorageError {
         StorageError::Closed => StorageError::Closed,
         StorageError::Unavailable(why) => StorageError::Unavailable(why.clone()),
         other => StorageError::Engine(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_acknowledged_write_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut versions = Vec::new();
+        {
+            let db = Database::open_embedded(dir.path()).unwrap();
+            let committer = GroupCommitter::spawn(db, GroupOptions::default());
+            let writers: Vec<_> = (0..64u32)
+                .map(|w| {
+                    let committer = committer.clone();
+                    tokio::spawn(async move {
+                        let mut acked = Vec::new();
+                        for i in 0..20u32 {
+                            let key = format!("g/{w:02}/{i:02}").into_bytes();
+                            let version = committer
+                                .commit(vec![
+                                    Write::Set(key, i.to_le_bytes().to_vec()),
+                                    Write::Add(b"g/count".to_vec(), 1),
+                                ])
+                                .await
+                                .unwrap();
+                            acked.push(version);
+                        }
+                        acked
+                    })
+                })
+                .collect();
+            for w in writers {
+                versions.extend(w.await.unwrap());
+            }
+            committer.join().await;
+        }
+        // Reopen: the acknowledgements were durable, not just in memory.
+        let db = Database::open_embedded(dir.path()).unwrap();
+        let tx = db.begin().await.unwrap();
+        for w in 0..64u32 {
+            for i in 0..20u32 {
+                let key = format!("g/{w:02}/{i:02}").into_bytes();
+                assert_eq!(
+                    tx.get(&key).await.unwrap(),
+                    Some(i.to_le_bytes().to_vec()),
+                    "{w}/{i} lost"
+                );
+            }
+        }
+        let count = tx.get(b"g/count").await.unwrap().map(|v| crate::decode_counter(&v));
+        assert_eq!(count, Some(64 * 20));
+        assert!(versions.iter().all(|v| *v > 0));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_submission_is_refused_and_the_rest_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open_embedded(dir.path()).unwrap();
+        let options = GroupOptions { batch_bytes_max: 1_000, ..GroupOptions::default() };
+        let committer = GroupCommitter::spawn(db.clone(), options);
+        let big = committer.commit(vec![Write::Set(b"big".to_vec(), vec![0; 2_000])]).await;
+        assert!(matches!(big, Err(StorageError::TransactionTooLarge { .. })));
+        committer.commit(vec![Write::Set(b"small".to_vec(), b"v".to_vec())]).await.unwrap();
+        let tx = db.begin().await.unwrap();
+        assert_eq!(tx.get(b"big").await.unwrap(), None);
+        assert_eq!(tx.get(b"small").await.unwrap(), Some(b"v".to_vec()));
     }
 }

@@ -68,10 +68,7 @@ pub struct TenantScope {
 impl TenantScope {
     /// Confines `tx` to `tenant` in `cell`.
     pub fn new(tx: &Transaction, cell: &CellId, tenant_id: &TenantId) -> Self {
-        Self {
-            tx: tx.clone(),
-            space: tenant(cell, tenant_id),
-        }
+        Self { tx: tx.clone(), space: tenant(cell, tenant_id) }
     }
 
     /// Reads the value under the tuple `key`.
@@ -112,10 +109,7 @@ impl TenantScope {
         let prefix_len = self.space.bytes().len();
         for (key, _) in &mut page.rows {
             // Every row came from a range inside the tenant's subspace.
-            debug_assert!(
-                self.space.is_start_of(key),
-                "range read left the tenant subspace"
-            );
+            debug_assert!(self.space.is_start_of(key), "range read left the tenant subspace");
             key.drain(..prefix_len);
         }
         Ok(page)
@@ -136,10 +130,7 @@ mod tests {
         let c = CellId::new("c1").unwrap();
         let mut keys = vec![host(&c, 10), host(&c, 2), host(&c, 300), host(&c, 1 << 40)];
         keys.sort();
-        assert_eq!(
-            keys,
-            [host(&c, 2), host(&c, 10), host(&c, 300), host(&c, 1 << 40)]
-        );
+        assert_eq!(keys, [host(&c, 2), host(&c, 10), host(&c, 300), host(&c, 1 << 40)]);
     }
 
     #[test]

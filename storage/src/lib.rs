@@ -116,9 +116,7 @@ impl RangeOptions {
             return Err(StorageError::InvalidRange("begin is after end"));
         }
         if !(1..=RANGE_LIMIT_MAX).contains(&self.limit) {
-            return Err(StorageError::InvalidRange(
-                "limit must be 1 to RANGE_LIMIT_MAX",
-            ));
+            return Err(StorageError::InvalidRange("limit must be 1 to RANGE_LIMIT_MAX"));
         }
         Ok(())
     }
@@ -146,11 +144,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            attempts_max: 10,
-            backoff_initial_ms: 2,
-            backoff_max_ms: 500,
-        }
+        Self { attempts_max: 10, backoff_initial_ms: 2, backoff_max_ms: 500 }
     }
 }
 
@@ -180,17 +174,13 @@ impl Database {
             reason: e.to_string(),
         })?;
         let engine = embedded::Engine::open(&embedded::data_file(dir), options)?;
-        Ok(Self {
-            backend: Backend::Embedded(Arc::new(engine)),
-        })
+        Ok(Self { backend: Backend::Embedded(Arc::new(engine)) })
     }
 
     /// Connects to the FoundationDB cluster named by `cluster_file` (or the default one).
     #[cfg(feature = "fdb")]
     pub fn open_fdb(cluster_file: Option<&str>) -> Result<Self> {
-        Ok(Self {
-            backend: Backend::Fdb(Arc::new(fdb::FdbBackend::open(cluster_file)?)),
-        })
+        Ok(Self { backend: Backend::Fdb(Arc::new(fdb::FdbBackend::open(cluster_file)?)) })
     }
 
     /// Starts a transaction.
@@ -311,10 +301,7 @@ impl Transaction {
     pub fn set(&self, key: &[u8], value: &[u8]) -> Result<()> {
         check_key(key)?;
         if value.len() > VALUE_LEN_MAX {
-            return Err(StorageError::ValueTooLarge {
-                len: value.len(),
-                max: VALUE_LEN_MAX,
-            });
+            return Err(StorageError::ValueTooLarge { len: value.len(), max: VALUE_LEN_MAX });
         }
         match &self.inner {
             TxInner::Embedded(tx) => tx.set(key, value),
@@ -387,10 +374,7 @@ pub fn decode_counter(value: &[u8]) -> i64 {
 
 fn check_key(key: &[u8]) -> Result<()> {
     if key.len() > KEY_LEN_MAX {
-        return Err(StorageError::KeyTooLarge {
-            len: key.len(),
-            max: KEY_LEN_MAX,
-        });
+        return Err(StorageError::KeyTooLarge { len: key.len(), max: KEY_LEN_MAX });
     }
     Ok(())
 }

@@ -42,10 +42,7 @@ impl<T> BatchQueue<T> {
     pub(crate) fn new(capacity: usize) -> Self {
         assert!(capacity > 0, "a queue must hold at least one item");
         Self {
-            state: Mutex::new(State {
-                items: VecDeque::new(),
-                closed: false,
-            }),
+            state: Mutex::new(State { items: VecDeque::new(), closed: false }),
             ready: Condvar::new(),
             capacity,
         }
@@ -146,10 +143,13 @@ mod loom_tests {
     use loom::thread;
 
     /// Two producers and a consumer: every pushed item arrives once, in per-producer order,
-    /// and the consumer always wakes to see the close.
+    /// and the consumer always wakes to see the close. Preemptions are bounded (as tokio does)
+    /// to keep the search to seconds; bugs of this size show within three.
     #[test]
     fn loom_no_item_lost_or_doubled() {
-        loom::model(|| {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
             let q = Arc::new(BatchQueue::new(2));
             let producers: Vec<_> = (0..2u32)
                 .map(|p| {
@@ -175,18 +175,13 @@ mod loom_tests {
                     got
                 })
             };
-            let mut pushed: Vec<u32> = producers
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect();
+            let mut pushed: Vec<u32> =
+                producers.into_iter().flat_map(|h| h.join().unwrap()).collect();
             q.close();
             let got = consumer.join().unwrap();
             for p in 0..2 {
                 let mine: Vec<_> = got.iter().filter(|v| *v / 10 == p).collect();
-                assert!(
-                    mine.windows(2).all(|w| w[0] < w[1]),
-                    "order per producer broken: {got:?}"
-                );
+                assert!(mine.windows(2).all(|w| w[0] < w[1]), "order per producer broken: {got:?}");
             }
             let mut sorted = got.clone();
             sorted.sort_unstable();

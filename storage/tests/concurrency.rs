@@ -12,9 +12,7 @@ fn account(i: u64) -> Vec<u8> {
 fn balance(bytes: Option<Vec<u8>>) -> Result<u64, StorageError> {
     let bytes = bytes.ok_or(StorageError::Engine("account missing".into()))?;
     Ok(u64::from_le_bytes(
-        bytes
-            .try_into()
-            .map_err(|_| StorageError::Engine("bad balance".into()))?,
+        bytes.try_into().map_err(|_| StorageError::Engine("bad balance".into()))?,
     ))
 }
 
@@ -31,22 +29,15 @@ async fn transfers_keep_the_total_and_never_overdraw() {
     tx.commit().await.unwrap();
 
     // Patient retries: this test is about correctness under contention, not about giving up.
-    let policy = RetryPolicy {
-        attempts_max: 1_000,
-        backoff_initial_ms: 1,
-        backoff_max_ms: 8,
-    };
+    let policy = RetryPolicy { attempts_max: 1_000, backoff_initial_ms: 1, backoff_max_ms: 8 };
     let workers: Vec<_> = (0..16u64)
         .map(|w| {
             let db = db.clone();
             tokio::spawn(async move {
                 let mut done = 0;
                 for n in 0..40u64 {
-                    let (from, to, amount) = (
-                        (w + n) % ACCOUNTS,
-                        (w * 3 + n * 7 + 1) % ACCOUNTS,
-                        1 + (w * n) % 60,
-                    );
+                    let (from, to, amount) =
+                        ((w + n) % ACCOUNTS, (w * 3 + n * 7 + 1) % ACCOUNTS, 1 + (w * n) % 60);
                     if from == to {
                         continue;
                     }
@@ -73,19 +64,13 @@ async fn transfers_keep_the_total_and_never_overdraw() {
     for w in workers {
         moved += w.await.unwrap();
     }
-    assert!(
-        moved > 100,
-        "the workload must actually move money ({moved} transfers)"
-    );
+    assert!(moved > 100, "the workload must actually move money ({moved} transfers)");
 
     let tx = db.begin().await.unwrap();
     let mut total = 0;
     for i in 0..ACCOUNTS {
         let b = balance(tx.get(&account(i)).await.unwrap()).unwrap();
-        assert!(
-            b <= ACCOUNTS * START,
-            "account {i} holds {b}: money was created"
-        );
+        assert!(b <= ACCOUNTS * START, "account {i} holds {b}: money was created");
         total += b;
     }
     assert_eq!(total, ACCOUNTS * START, "money created or destroyed");

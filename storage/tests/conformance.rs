@@ -30,12 +30,7 @@ impl Backend {
 fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Database::open_embedded(dir.path()).expect("open embedded store");
-    let mut all = vec![Backend {
-        name: "embedded",
-        db,
-        prefix: b"t/".to_vec(),
-        _dir: Some(dir),
-    }];
+    let mut all = vec![Backend { name: "embedded", db, prefix: b"t/".to_vec(), _dir: Some(dir) }];
     fdb_backend(&mut all);
     all
 }
@@ -46,12 +41,7 @@ fn fdb_backend(all: &mut Vec<Backend>) {
         Ok(file) => {
             let db = Database::open_fdb(Some(&file)).expect("connect to FoundationDB");
             let prefix = format!("cellplane-test/{}/", std::process::id()).into_bytes();
-            all.push(Backend {
-                name: "fdb",
-                db,
-                prefix,
-                _dir: None,
-            });
+            all.push(Backend { name: "fdb", db, prefix, _dir: None });
         }
         Err(_) => eprintln!("skipping FoundationDB: FDB_CLUSTER_FILE is not set"),
     }
@@ -72,16 +62,11 @@ async fn put(b: &Backend, pairs: &[(&str, &str)]) {
 
 async fn read(b: &Backend, k: &str) -> Option<String> {
     let tx = b.db.begin().await.unwrap();
-    tx.get(&b.key(k))
-        .await
-        .unwrap()
-        .map(|v| String::from_utf8(v).unwrap())
+    tx.get(&b.key(k)).await.unwrap().map(|v| String::from_utf8(v).unwrap())
 }
 
 fn keys_of(b: &Backend, rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
-    rows.iter()
-        .map(|(k, _)| String::from_utf8(k[b.prefix.len()..].to_vec()).unwrap())
-        .collect()
+    rows.iter().map(|(k, _)| String::from_utf8(k[b.prefix.len()..].to_vec()).unwrap()).collect()
 }
 
 macro_rules! conformance {

@@ -26,24 +26,17 @@ async fn crash_child() {
         let tx = db.begin().await.unwrap();
         let last = tx
             .get_range(
-                &RangeOptions::new(b"acked/".to_vec(), b"acked0".to_vec())
-                    .reverse()
-                    .limit(1),
+                &RangeOptions::new(b"acked/".to_vec(), b"acked0".to_vec()).reverse().limit(1),
             )
             .await
             .unwrap();
-        last.rows.first().map_or(0, |(k, _)| {
-            std::str::from_utf8(&k[6..])
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                + 1
-        })
+        last.rows
+            .first()
+            .map_or(0, |(k, _)| std::str::from_utf8(&k[6..]).unwrap().parse::<u64>().unwrap() + 1)
     };
     for i in start.. {
         let tx = db.begin().await.unwrap();
-        tx.set(&key(i), &vec![(i % 251) as u8; 1 + (i % 3_000) as usize])
-            .unwrap();
+        tx.set(&key(i), &vec![(i % 251) as u8; 1 + (i % 3_000) as usize]).unwrap();
         tx.commit().await.unwrap();
         println!("ack {i}");
     }
@@ -57,13 +50,7 @@ fn kill_at_random_moments_loses_no_acknowledged_write() {
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     for round in 0..12 {
         let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "crash_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -121,11 +108,8 @@ fn written_store() -> tempfile::TempDir {
 }
 
 fn data_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    let mut files: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()).collect();
     assert_eq!(files.len(), 1, "one data file expected: {files:?}");
     files.remove(0)
 }
@@ -139,12 +123,7 @@ fn truncated_file_is_refused_with_a_clear_error() {
     let dir = written_store();
     let file = data_file(&dir);
     let len = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len / 2).unwrap();
     match open(&dir) {
         Err(StorageError::Open { path, reason }) => {
             assert!(path.ends_with(".redb"), "{path}");
@@ -166,19 +145,12 @@ fn corrupted_file_is_refused_with_a_clear_error() {
         *b ^= 0x5a;
     }
     std::fs::write(&file, &bytes).unwrap();
-    assert!(
-        matches!(open(&dir), Err(StorageError::Open { .. })),
-        "a corrupt store must not open"
-    );
+    assert!(matches!(open(&dir), Err(StorageError::Open { .. })), "a corrupt store must not open");
 }
 
 #[test]
 fn garbage_file_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("cellplane.redb"),
-        b"this is not a database at all",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("cellplane.redb"), b"this is not a database at all").unwrap();
     assert!(matches!(open(&dir), Err(StorageError::Open { .. })));
 }

@@ -15,11 +15,7 @@ impl Epoch {
     /// The epoch of the next incarnation.
     pub fn next(self) -> Epoch {
         // An epoch is bumped once per cell restart; u64 does not run out.
-        Epoch(
-            self.0
-                .checked_add(1)
-                .expect("cell epoch overflow: u64 restarts"),
-        )
+        Epoch(self.0.checked_add(1).expect("cell epoch overflow: u64 restarts"))
     }
 
     /// Whether a host that has seen `self` accepts an assignment made in `assignment`.

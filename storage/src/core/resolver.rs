@@ -1,53 +1,65 @@
 //! Conflict resolution: the rule that gives many concurrent transactions FoundationDB's
 //! serializable semantics.
 //!
-//! Protocol: a transaction reads at a read version `r` and records the key ranges it read. At
-//! commit, the resolver checks those ranges against the write ranges of every transaction
+//! Protocol: a transaction reads at a read version `r` and records the keys and ranges it read.
+//! At commit, [`Resolver::handle_commit`] checks those against the writes of every transaction
 //! committed at a version `> r`. Any overlap means another commit changed what this one read:
-//! `Conflict`. Otherwise the transaction is given the next version and its write ranges join the
-//! history. The history is bounded: once it holds [`Resolver::history_len_max`] commits the
-//! oldest are forgotten, and a read version older than what is remembered gets `TooOld` (the
-//! resolver can no longer prove it safe). Versions only grow.
+//! `Conflict`. Otherwise the transaction gets the next version, and its writes must be handed in
+//! with [`Resolver::handle_writes`] before the next commit is checked (so that transactions of
+//! one batch are checked against each other too). The history is bounded: once it holds
+//! `history_len_max` commits the oldest are forgotten, and a read version older than what is
+//! remembered gets `TooOld` (the resolver can no longer prove it safe). Versions only grow.
 //!
 //! Invariant: a transaction is accepted only if no write committed after its read version
-//! overlaps any range it read. That is what makes every accepted history equal to a serial one,
-//! in commit-version order.
+//! overlaps anything it read. That makes every accepted history equal to a serial one, in
+//! commit-version order.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
-/// A half-open key range `[begin, end)`.
+/// A key, shared between a transaction's buffers and the history without copying.
+pub type Key = Arc<[u8]>;
+
+/// A key or a half-open key range `[begin, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRange {
-    /// First key in the range.
-    pub begin: Vec<u8>,
-    /// First key after the range.
-    pub end: Vec<u8>,
+pub enum KeyRange {
+    /// Exactly one key.
+    Key(Key),
+    /// Every key from `begin` up to, not including, `end`.
+    Range {
+        /// First key in the range.
+        begin: Key,
+        /// First key after the range.
+        end: Key,
+    },
 }
 
 impl KeyRange {
-    /// The range holding exactly `key`.
-    pub fn single(key: &[u8]) -> Self {
-        let mut end = Vec::with_capacity(key.len() + 1);
-        end.extend_from_slice(key);
-        end.push(0);
-        Self {
-            begin: key.to_vec(),
-            end,
+    /// Whether `key` lies in this range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        match self {
+            KeyRange::Key(k) => **k == *key,
+            KeyRange::Range { begin, end } => **begin <= *key && *key < **end,
         }
     }
 
-    /// Whether the two ranges share a key.
+    /// Whether the two share a key.
     pub fn overlaps(&self, other: &KeyRange) -> bool {
-        self.begin < other.end && other.begin < self.end
+        match (self, other) {
+            (KeyRange::Key(k), range) | (range, KeyRange::Key(k)) => range.contains(k),
+            (KeyRange::Range { begin: b1, end: e1 }, KeyRange::Range { begin: b2, end: e2 }) => {
+                b1 < e1 && b2 < e2 && b1 < e2 && b2 < e1
+            }
+        }
     }
 }
 
 /// The resolver's verdict on one transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Accepted: this is its commit version.
+    /// Accepted: this is its commit version. Its writes are due next.
     Commit(u64),
-    /// A range it read was written after its read version.
+    /// Something it read was written after its read version.
     Conflict,
     /// Its read version is older than the history remembers.
     TooOld {
@@ -63,24 +75,29 @@ pub struct Resolver {
     version: u64,
     /// Read versions below this can no longer be checked.
     oldest: u64,
-    /// `(commit version, write ranges)`, oldest first.
+    /// `(commit version, writes)`, oldest first.
     history: VecDeque<(u64, Vec<KeyRange>)>,
     history_len_max: usize,
+    /// Writes held in `history`, against `history_writes_max`.
+    history_writes: usize,
+    history_writes_max: usize,
+    /// A version accepted whose writes have not been handed in yet.
+    awaiting_writes: Option<u64>,
 }
 
 impl Resolver {
     /// A resolver whose last committed version is `version` (from durable storage), remembering
-    /// at most `history_len_max` commits.
-    pub fn new(version: u64, history_len_max: usize) -> Self {
-        assert!(
-            history_len_max > 0,
-            "a resolver must remember at least one commit"
-        );
+    /// at most `history_len_max` commits and `history_writes_max` written keys and ranges.
+    pub fn new(version: u64, history_len_max: usize, history_writes_max: usize) -> Self {
+        assert!(history_len_max > 0, "a resolver must remember at least one commit");
         Self {
             version,
             oldest: version,
             history: VecDeque::new(),
             history_len_max,
+            history_writes: 0,
+            history_writes_max,
+            awaiting_writes: None,
         }
     }
 
@@ -89,24 +106,16 @@ impl Resolver {
         self.version
     }
 
-    /// How many commits the history remembers at most.
-    pub fn history_len_max(&self) -> usize {
-        self.history_len_max
-    }
-
-    /// Checks a transaction that read `reads` at `read_version` and wants to write `writes`; if
-    /// accepted, records its writes under a new version and returns it.
-    pub fn handle_commit(
-        &mut self,
-        read_version: u64,
-        reads: &[KeyRange],
-        writes: Vec<KeyRange>,
-    ) -> Verdict {
+    /// Checks a transaction that read `reads` at `read_version`.
+    pub fn handle_commit(&mut self, read_version: u64, reads: &[KeyRange]) -> Verdict {
+        assert!(
+            self.awaiting_writes.is_none(),
+            "resolver: writes of version {:?} never handed in",
+            self.awaiting_writes
+        );
         if !reads.is_empty() {
             if read_version < self.oldest {
-                return Verdict::TooOld {
-                    oldest: self.oldest,
-                };
+                return Verdict::TooOld { oldest: self.oldest };
             }
             // Newest first: recent commits are the likeliest to conflict.
             for (version, written) in self.history.iter().rev() {
@@ -119,13 +128,27 @@ impl Resolver {
             }
         }
         self.version += 1;
-        if self.history.len() == self.history_len_max
-            && let Some((forgotten, _)) = self.history.pop_front()
+        self.awaiting_writes = Some(self.version);
+        Verdict::Commit(self.version)
+    }
+
+    /// Records the writes of the transaction just accepted.
+    pub fn handle_writes(&mut self, writes: Vec<KeyRange>) {
+        let version = self
+            .awaiting_writes
+            .take()
+            .expect("resolver: writes handed in without an accepted commit");
+        self.history_writes += writes.len();
+        self.history.push_back((version, writes));
+        // Forget the oldest commits past either cap, always keeping the newest.
+        while self.history.len() > 1
+            && (self.history.len() > self.history_len_max
+                || self.history_writes > self.history_writes_max)
+            && let Some((forgotten, writes)) = self.history.pop_front()
         {
+            self.history_writes -= writes.len();
             self.oldest = forgotten;
         }
-        self.history.push_back((self.version, writes));
-        Verdict::Commit(self.version)
     }
 }
 
@@ -133,73 +156,83 @@ impl Resolver {
 mod tests {
     use super::*;
 
+    fn key(k: &str) -> KeyRange {
+        KeyRange::Key(k.as_bytes().into())
+    }
+
     fn range(begin: &str, end: &str) -> KeyRange {
-        KeyRange {
-            begin: begin.into(),
-            end: end.into(),
+        KeyRange::Range { begin: begin.as_bytes().into(), end: end.as_bytes().into() }
+    }
+
+    fn commit(
+        r: &mut Resolver,
+        read_version: u64,
+        reads: &[KeyRange],
+        writes: Vec<KeyRange>,
+    ) -> Verdict {
+        let verdict = r.handle_commit(read_version, reads);
+        if let Verdict::Commit(_) = verdict {
+            r.handle_writes(writes);
         }
+        verdict
     }
 
     #[test]
-    fn overlap_is_half_open() {
+    fn overlap_is_half_open_and_empty_ranges_hold_nothing() {
         assert!(range("a", "c").overlaps(&range("b", "d")));
         assert!(!range("a", "b").overlaps(&range("b", "c")));
-        assert!(KeyRange::single(b"k").overlaps(&range("k", "l")));
-        assert!(!KeyRange::single(b"k").overlaps(&range("k\0", "l")));
+        assert!(key("k").overlaps(&range("k", "l")));
+        assert!(!key("l").overlaps(&range("k", "l")));
+        assert!(key("k").overlaps(&key("k")));
+        assert!(!key("k").overlaps(&key("k\0")));
+        assert!(!range("m", "m").overlaps(&range("a", "z")));
     }
 
     #[test]
     fn a_write_after_the_read_version_conflicts() {
-        let mut r = Resolver::new(10, 100);
-        assert_eq!(
-            r.handle_commit(10, &[], vec![KeyRange::single(b"x")]),
-            Verdict::Commit(11)
-        );
-        // Read x at 10, x written at 11: conflict.
-        assert_eq!(
-            r.handle_commit(10, &[KeyRange::single(b"x")], vec![]),
-            Verdict::Conflict
-        );
-        // Read x at 11: saw that write; fine.
-        assert_eq!(
-            r.handle_commit(11, &[KeyRange::single(b"x")], vec![]),
-            Verdict::Commit(12)
-        );
-        // Read y at 10: untouched; fine.
-        assert_eq!(
-            r.handle_commit(10, &[KeyRange::single(b"y")], vec![]),
-            Verdict::Commit(13)
-        );
+        let mut r = Resolver::new(10, 100, 1_000);
+        assert_eq!(commit(&mut r, 10, &[], vec![key("x")]), Verdict::Commit(11));
+        assert_eq!(commit(&mut r, 10, &[key("x")], vec![]), Verdict::Conflict);
+        assert_eq!(commit(&mut r, 11, &[key("x")], vec![]), Verdict::Commit(12));
+        assert_eq!(commit(&mut r, 10, &[key("y")], vec![]), Verdict::Commit(13));
     }
 
     #[test]
     fn range_reads_conflict_with_writes_inside_them() {
-        let mut r = Resolver::new(0, 100);
-        r.handle_commit(0, &[], vec![KeyRange::single(b"m")]);
-        assert_eq!(
-            r.handle_commit(0, &[range("a", "z")], vec![]),
-            Verdict::Conflict
-        );
-        assert_eq!(
-            r.handle_commit(0, &[range("n", "z")], vec![]),
-            Verdict::Commit(2)
-        );
+        let mut r = Resolver::new(0, 100, 1_000);
+        commit(&mut r, 0, &[], vec![key("m")]);
+        assert_eq!(commit(&mut r, 0, &[range("a", "z")], vec![]), Verdict::Conflict);
+        assert_eq!(commit(&mut r, 0, &[range("n", "z")], vec![]), Verdict::Commit(2));
     }
 
     #[test]
     fn forgotten_history_makes_old_readers_too_old() {
-        let mut r = Resolver::new(0, 2);
+        let mut r = Resolver::new(0, 2, 1_000);
         for _ in 0..3 {
-            r.handle_commit(r.version(), &[], vec![KeyRange::single(b"k")]);
+            let v = r.version();
+            commit(&mut r, v, &[], vec![key("k")]);
         }
-        assert_eq!(
-            r.handle_commit(0, &[KeyRange::single(b"q")], vec![]),
-            Verdict::TooOld { oldest: 1 }
-        );
+        assert_eq!(commit(&mut r, 0, &[key("q")], vec![]), Verdict::TooOld { oldest: 1 });
+        assert_eq!(commit(&mut r, 1, &[key("q")], vec![]), Verdict::Commit(4));
         // Blind writes need no history.
-        assert_eq!(
-            r.handle_commit(0, &[], vec![KeyRange::single(b"q")]),
-            Verdict::Commit(4)
-        );
+        assert_eq!(commit(&mut r, 0, &[], vec![key("q")]), Verdict::Commit(5));
+    }
+
+    #[test]
+    fn history_is_bounded_by_written_keys_too() {
+        let mut r = Resolver::new(0, 1_000, 3);
+        commit(&mut r, 0, &[], vec![key("a"), key("b")]);
+        commit(&mut r, 1, &[], vec![key("c"), key("d")]);
+        // Four keys held > 3: version 1 is forgotten, so a reader at 0 is too old.
+        assert_eq!(commit(&mut r, 0, &[key("z")], vec![]), Verdict::TooOld { oldest: 1 });
+        assert_eq!(commit(&mut r, 1, &[key("c")], vec![]), Verdict::Conflict);
+    }
+
+    #[test]
+    #[should_panic(expected = "never handed in")]
+    fn forgetting_the_writes_of_an_accepted_commit_is_a_bug() {
+        let mut r = Resolver::new(0, 10, 1_000);
+        r.handle_commit(0, &[]);
+        r.handle_commit(0, &[]);
     }
 }
