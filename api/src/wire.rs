@@ -143,6 +143,8 @@ wire! {
         Unavailable,
         /// An assignment from an older cell epoch.
         StaleEpoch,
+        /// A stream ended normally (the last frame of a watch).
+        Closed,
     }
 
     /// A typed refusal with a human-readable detail.
