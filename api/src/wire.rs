@@ -17,6 +17,8 @@
 //!    name or a resource amount that a constructor would have refused.
 //!
 //! Wire types hold no `Rc`, `Arc` or other shared pointers: every message is a tree of owned data.
+//! Large variants are boxed so that an archived `Message` (as large as its largest inline variant)
+//! stays small for the frequent ones: a heartbeat frame is a few dozen bytes, not hundreds.
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
@@ -113,17 +115,17 @@ wire! {
         /// A typed refusal.
         Error(ErrorReply),
         /// A host announces itself to its cell.
-        Register(Register),
+        Register(Box<Register>),
         /// A host's periodic proof of life.
         Heartbeat(Heartbeat),
         /// The cell hands a replica to a host.
-        Assign(Assignment),
+        Assign(Box<Assignment>),
         /// A host reports a replica's phase.
-        Status(StatusReport),
+        Status(Box<StatusReport>),
         /// A tenant creates or changes a workload.
-        Apply(Apply),
+        Apply(Box<Apply>),
         /// A tenant acts on a VM.
-        VmAction(VmActionRequest),
+        VmAction(Box<VmActionRequest>),
     }
 
     /// What kind of refusal.
@@ -267,6 +269,32 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, WireError> {
     Ok(frame)
 }
 
+/// Encodes `message` as one frame behind `prefix` (a transport's own header), in one aligned
+/// buffer with no copy of the body: `prefix`, then the envelope header, then the body. The body
+/// must start 16-byte aligned, so `prefix.len() + HEADER_LEN` must be a multiple of 16.
+pub fn encode_with_prefix(
+    message: &Message,
+    prefix: &[u8],
+) -> Result<AlignedVec<BODY_ALIGN>, WireError> {
+    let start = prefix.len() + HEADER_LEN;
+    assert!(start.is_multiple_of(BODY_ALIGN), "wire: a prefix must keep the body aligned");
+    let mut buffer = AlignedVec::<BODY_ALIGN>::with_capacity(start + 256);
+    buffer.extend_from_slice(prefix);
+    buffer.extend_from_slice(&[0; HEADER_LEN]);
+    let mut buffer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(message, buffer)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let body_len = buffer.len() - start;
+    if HEADER_LEN + body_len > FRAME_LEN_MAX {
+        return Err(WireError::EncodeTooLarge { len: HEADER_LEN + body_len, max: FRAME_LEN_MAX });
+    }
+    let header = &mut buffer[prefix.len()..start];
+    header[..2].copy_from_slice(&MAGIC);
+    header[2..4].copy_from_slice(&WIRE_VERSION.to_le_bytes());
+    // Cannot truncate: body_len < FRAME_LEN_MAX < u32::MAX.
+    header[4..].copy_from_slice(&(body_len as u32).to_le_bytes());
+    Ok(buffer)
+}
+
 /// Reads a header and returns the body length it announces, checking magic, version and the
 /// size cap. A framer calls this before allocating anything for the body.
 pub fn peek_body_len(header: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
@@ -327,7 +355,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn assign() -> Message {
-        Message::Assign(Assignment {
+        Message::Assign(Box::new(Assignment {
             tenant: TenantId::new("acme").unwrap(),
             replica: Replica {
                 workload: WorkloadName::new("web").unwrap(),
@@ -337,18 +365,18 @@ mod tests {
                 phase: ReplicaPhase::Assigned,
             },
             spec: web(),
-        })
+        }))
     }
 
     fn samples() -> Vec<Message> {
         vec![
             assign(),
-            Message::Apply(Apply {
+            Message::Apply(Box::new(Apply {
                 tenant: TenantId::new("acme").unwrap(),
                 idempotency_key: [9; 16],
                 spec: vm(),
-            }),
-            Message::Register(Register {
+            })),
+            Message::Register(Box::new(Register {
                 host: Host {
                     id: HostId(1),
                     cell: CellId::new("c1").unwrap(),
@@ -364,7 +392,7 @@ mod tests {
                     labels: Default::default(),
                     state: HostState::Joining,
                 },
-            }),
+            })),
             Message::Heartbeat(Heartbeat {
                 host: HostId(1),
                 seq: 9,
@@ -384,6 +412,14 @@ mod tests {
             let frame = encode(&message).unwrap();
             assert_eq!(decode(&frame), Ok(message));
         }
+    }
+
+    #[test]
+    fn a_prefixed_frame_holds_the_same_envelope() {
+        let frame = encode_with_prefix(&assign(), &[7; 24]).unwrap();
+        assert_eq!(&frame[..24], &[7; 24]);
+        assert_eq!(&frame[24..], encode(&assign()).unwrap().as_slice());
+        assert_eq!(decode(&frame[24..]), Ok(assign()));
     }
 
     #[test]
@@ -494,11 +530,11 @@ mod tests {
         ) {
             let messages = [
                 Message::Heartbeat(Heartbeat { host: HostId(host), seq, epoch, state: HostState::Suspect }),
-                Message::Status(StatusReport {
+                Message::Status(Box::new(StatusReport {
                     tenant: TenantId::new(&tenant).unwrap(),
                     workload: WorkloadName::new("w").unwrap(),
                     ordinal, epoch, phase: ReplicaPhase::Running, detail,
-                }),
+                })),
             ];
             for message in messages {
                 prop_assert_eq!(decode(&encode(&message).unwrap()), Ok(message));
@@ -511,7 +547,7 @@ mod tests {
             spec.replicas = replicas;
             spec.resources.cpu_milli = cpu;
             spec.resources.memory_mib = mem;
-            let message = Message::Apply(Apply { tenant: TenantId::new("t").unwrap(), idempotency_key: key, spec });
+            let message = Message::Apply(Box::new(Apply { tenant: TenantId::new("t").unwrap(), idempotency_key: key, spec }));
             prop_assert_eq!(decode(&encode(&message).unwrap()), Ok(message));
         }
     }

@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cellplane_api::wire::{self, ErrorCode, ErrorReply, Message};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::TransportError;
@@ -38,6 +39,8 @@ pub const CLOSE_REFUSED: u32 = 2;
 /// Application close code: closed by its owner.
 pub const CLOSE_NORMAL: u32 = 0;
 
+/// Bytes asked of the stream per read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes gathered into one stream write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
@@ -220,7 +223,7 @@ impl Connection {
         address: u64,
         message: &Message,
     ) -> Result<(), TransportError> {
-        let frame = Bytes::from(frame::encode(kind, id, address, message)?);
+        let frame = Bytes::from_owner(frame::encode(kind, id, address, message)?);
         let copies = match &self.inner.faults {
             None => 1,
             Some(faults) => match faults.on_send(&self.inner.peer, address, frame.len()) {
@@ -280,29 +283,42 @@ impl Connection {
         }
     }
 
+    /// Reads frames in large chunks (one stream read serves many frames) and dispatches them in
+    /// order. The buffer never holds more than one frame past the cap checked from its head.
     async fn read_frames(
         &self,
         stream: &mut quinn::RecvStream,
         inbound: Option<&mpsc::Sender<Inbound>>,
     ) -> Result<(), String> {
-        let mut head = [0u8; HEAD_LEN];
+        let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
         loop {
-            match stream.read_exact(&mut head).await {
-                Ok(()) => {}
-                Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
+            while buffer.len() >= HEAD_LEN {
+                let head: &[u8; HEAD_LEN] = buffer[..HEAD_LEN].try_into().map_err(|_| "head")?;
+                let parsed = match frame::parse_head(head) {
+                    Ok(parsed) => parsed,
+                    Err(e) => return Err(self.refuse(&e.to_string())),
+                };
+                let frame_len = HEAD_LEN + parsed.body_len;
+                if buffer.len() < frame_len {
+                    buffer.reserve(frame_len - buffer.len());
+                    break;
+                }
+                let frame = buffer.split_to(frame_len);
+                let message = match wire::decode_body(&frame[HEAD_LEN..]) {
+                    Ok(message) => message,
+                    Err(e) => return Err(self.refuse(&e.to_string())),
+                };
+                self.dispatch(parsed.kind, parsed.id, parsed.address, message, inbound).await;
+            }
+            if buffer.capacity() - buffer.len() < HEAD_LEN {
+                buffer.reserve(READ_CHUNK_BYTES);
+            }
+            match stream.read_buf(&mut buffer).await {
+                Ok(0) if buffer.is_empty() => return Ok(()),
+                Ok(0) => return Err(self.refuse("stream ended inside a frame")),
+                Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            let parsed = match frame::parse_head(&head) {
-                Ok(parsed) => parsed,
-                Err(e) => return Err(self.refuse(&e.to_string())),
-            };
-            let mut body = vec![0u8; parsed.body_len];
-            stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-            let message = match wire::decode_body(&body) {
-                Ok(message) => message,
-                Err(e) => return Err(self.refuse(&e.to_string())),
-            };
-            self.dispatch(parsed.kind, parsed.id, parsed.address, message, inbound).await;
         }
     }
 

@@ -13,6 +13,7 @@
 //! one connection carry the traffic of thousands of endpoints.
 
 use cellplane_api::wire::{self, HEADER_LEN, Message, WireError};
+use rkyv::util::AlignedVec;
 
 /// Bytes before the envelope.
 pub const PREFIX_LEN: usize = 24;
@@ -77,21 +78,18 @@ pub enum FrameError {
     Wire(#[from] WireError),
 }
 
-/// Encodes one frame.
+/// Encodes one frame into a single aligned buffer (no copy of the body).
 pub fn encode(
     kind: FrameKind,
     id: u64,
     address: u64,
     message: &Message,
-) -> Result<Vec<u8>, WireError> {
-    let envelope = wire::encode(message)?;
-    let mut frame = Vec::with_capacity(PREFIX_LEN + envelope.len());
-    frame.push(kind as u8);
-    frame.extend_from_slice(&[0; 7]);
-    frame.extend_from_slice(&id.to_le_bytes());
-    frame.extend_from_slice(&address.to_le_bytes());
-    frame.extend_from_slice(&envelope);
-    Ok(frame)
+) -> Result<AlignedVec<16>, WireError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    prefix[0] = kind as u8;
+    prefix[8..16].copy_from_slice(&id.to_le_bytes());
+    prefix[16..24].copy_from_slice(&address.to_le_bytes());
+    wire::encode_with_prefix(message, &prefix)
 }
 
 /// Parses a frame head, checking the size cap before anything is allocated.

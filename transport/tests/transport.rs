@@ -250,7 +250,7 @@ async fn garbage_truncated_oversized_and_wrong_version_frames_close_only_that_co
     let addr = server.local_addr().unwrap();
     let good = connect(addr, &cell(), &host_setup).await.unwrap();
 
-    let valid = frame::encode(frame::FrameKind::Request, 1, 1, &beat(1, 1)).unwrap();
+    let valid = frame::encode(frame::FrameKind::Request, 1, 1, &beat(1, 1)).unwrap().to_vec();
     let mut oversized = valid.clone();
     oversized[frame::PREFIX_LEN + 4..frame::HEAD_LEN].copy_from_slice(&(64u32 << 20).to_le_bytes());
     let mut newer = valid.clone();

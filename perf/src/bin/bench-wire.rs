@@ -17,7 +17,7 @@ fn main() {
         epoch: 3,
         state: HostState::Ready,
     });
-    let assign = Message::Assign(Assignment {
+    let assign = Message::Assign(Box::new(Assignment {
         tenant: TenantId::new("acme").expect("valid"),
         replica: Replica {
             workload: WorkloadName::new("web").expect("valid"),
@@ -39,7 +39,7 @@ fn main() {
             placement: Placement::default(),
             update: UpdateStrategy::default(),
         },
-    });
+    }));
     const N: u32 = 200_000;
     for (name, message) in [("heartbeat", &heartbeat), ("assignment", &assign)] {
         let frame = wire::encode(message).expect("encodes");
