@@ -108,6 +108,22 @@ conformance! {
         assert_eq!(read(b, "c").await.as_deref(), Some("3"));
     }
 
+    the_last_write_to_a_key_wins_within_a_transaction(b) {
+        let tx = b.db.begin().await.unwrap();
+        tx.set(&b.key("w/b"), b"1").unwrap();
+        tx.set(&b.key("w/a"), b"x").unwrap();
+        tx.set(&b.key("w/b"), b"2").unwrap();
+        tx.atomic_add(&b.key("w/c"), 5).unwrap();
+        tx.set(&b.key("w/c"), &40i64.to_le_bytes()).unwrap();
+        tx.atomic_add(&b.key("w/c"), 2).unwrap();
+        tx.clear(&b.key("w/a")).unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(read(b, "w/b").await.as_deref(), Some("2"));
+        assert_eq!(read(b, "w/a").await, None);
+        let tx = b.db.begin().await.unwrap();
+        assert_eq!(tx.get(&b.key("w/c")).await.unwrap().map(|v| decode_counter(&v)), Some(42));
+    }
+
     reads_see_one_snapshot(b) {
         put(b, &[("x", "old")]).await;
         let reader = b.db.begin().await.unwrap();
