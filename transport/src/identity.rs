@@ -204,9 +204,9 @@ impl Credentials {
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::write(dir.join(format!("{stem}.crt")), pem("CERTIFICATE", &self.certificate))
             .map_err(io)?;
-        std::fs::write(
-            dir.join(format!("{stem}.key")),
-            pem("PRIVATE KEY", self.key.secret_pkcs8_der()),
+        write_secret(
+            &dir.join(format!("{stem}.key")),
+            &pem("PRIVATE KEY", self.key.secret_pkcs8_der()),
         )
         .map_err(io)
     }
@@ -302,7 +302,7 @@ impl CertificateAuthority {
         let io = |e: std::io::Error| TransportError::Config(format!("writing the CA: {e}"));
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::write(dir.join("ca.crt"), pem("CERTIFICATE", &self.certificate)).map_err(io)?;
-        std::fs::write(dir.join("ca.key"), self.key.serialize_pem()).map_err(io)
+        write_secret(&dir.join("ca.key"), &self.key.serialize_pem()).map_err(io)
     }
 
     /// Reads a CA written by [`CertificateAuthority::save`].
@@ -323,6 +323,19 @@ pub fn load_ca_certificate(dir: &Path) -> Result<CertificateDer<'static>, Transp
     let text = std::fs::read_to_string(&path)
         .map_err(|e| TransportError::Config(format!("{}: {e}", path.display())))?;
     Ok(CertificateDer::from(unpem(&text)?))
+}
+
+/// Writes a private key readable by its owner only.
+fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
 }
 
 fn set_validity(params: &mut CertificateParams, validity: Validity) {
@@ -375,6 +388,11 @@ mod tests {
         assert_eq!(loaded.certificate, creds.certificate);
         assert_eq!(loaded.identity, creds.identity);
         assert_eq!(load_ca_certificate(dir.path()).unwrap(), *ca.certificate());
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "router.key"] {
+            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{key} is readable by others");
+        }
     }
 
     #[test]
