@@ -279,7 +279,10 @@ impl Connection {
         }
         let watches: Vec<_> = lock(&self.inner.watches).drain().map(|(_, w)| w).collect();
         for watch in watches {
-            let _ = watch.try_send(Err(TransportError::ConnectionLost(lost.to_string())));
+            // The watcher may be behind: deliver the loss after what it has not read yet, so
+            // that a lost connection never looks like a stream that ended normally.
+            let error = TransportError::ConnectionLost(lost.to_string());
+            tokio::spawn(async move { watch.send(Err(error)).await });
         }
     }
 

@@ -163,9 +163,20 @@ async fn a_peer_restart_fails_requests_retryably_then_reconnects() {
     let backoff = Backoff { initial_ms: 20, max_ms: 200 };
     let peer = Peer::connect(addr, cell(), host_setup, backoff, None).unwrap();
     assert_eq!(peer.request(1, &beat(1, 1), SECOND).await.unwrap(), beat(1, 2));
+    // An endless watch, open when the server dies.
+    let mut watch = peer.watch(2, &beat(2, u64::MAX - 1), SECOND).await.unwrap();
+    assert!(watch.next().await.unwrap().is_ok());
 
     child.kill().unwrap(); // SIGKILL: no goodbye on the wire
     child.wait().unwrap();
+    // The watch ends with the loss, never as if the stream had finished.
+    let end = loop {
+        match watch.next().await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(matches!(end, Some(Err(TransportError::ConnectionLost(_)))), "{end:?}");
     let during = peer.request(1, &beat(1, 1), Duration::from_millis(300)).await;
     let error = during.expect_err("nobody is there to answer");
     assert!(error.is_retryable(), "an outage is retryable: {error}");
