@@ -169,7 +169,9 @@ async fn a_peer_restart_fails_requests_retryably_then_reconnects() {
 
     child.kill().unwrap(); // SIGKILL: no goodbye on the wire
     child.wait().unwrap();
-    // The watch ends with the loss, never as if the stream had finished.
+    // The watcher falls behind past the idle timeout, then drains: the stream still ends with
+    // the loss, never as if it had finished.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let end = loop {
         match watch.next().await {
             Some(Ok(_)) => continue,
