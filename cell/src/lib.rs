@@ -2,8 +2,9 @@
 //! own keyspace. Cells share nothing; a failing cell harms only its own tenants.
 //!
 //! The cell is a tree of supervised ractor actors around pure, deterministic cores (membership,
-//! scheduler, controllers). This crate starts with the one rule every other part leans on:
-//! fencing by [`Epoch`].
+//! scheduler, controllers). Built so far, as pure cores in [`core`]: fencing by [`Epoch`], the
+//! rule every other part leans on, and [`core::membership`]: registration, heartbeats with
+//! duplicate and reorder protection, leases (ready → suspect → down), draining.
 #![deny(missing_docs)]
 
 pub mod core;

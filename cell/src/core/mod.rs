@@ -1,3 +1,4 @@
 //! The cell's pure cores: no clock, randomness or IO (checked by `chaos/tests/core_purity.rs`).
 
 pub mod fencing;
+pub mod membership;
