@@ -4,7 +4,9 @@
 //! The cell is a tree of supervised ractor actors around pure, deterministic cores (membership,
 //! scheduler, controllers). Built so far, as pure cores in [`core`]: fencing by [`Epoch`], the
 //! rule every other part leans on, and [`core::membership`]: registration, heartbeats with
-//! duplicate and reorder protection, leases (ready → suspect → down), draining.
+//! duplicate and reorder protection, leases (ready → suspect → down), draining; and
+//! [`core::scheduler`]: a capacity index that places replicas (filters, bin-packing or spreading
+//! over hosts and zones, anti-affinity) without scanning every host and never over-commits one.
 #![deny(missing_docs)]
 
 pub mod core;

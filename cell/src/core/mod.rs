@@ -2,3 +2,4 @@
 
 pub mod fencing;
 pub mod membership;
+pub mod scheduler;
