@@ -50,6 +50,7 @@ struct Slot {
     container: bool,
     site: SiteId,
     zone: Name,
+    zone_id: u32,
     schedulable: bool,
 }
 
@@ -70,8 +71,12 @@ pub struct Scheduler {
     hosts: HashMap<HostId, Slot>,
     /// `(free cpu, host)` for every schedulable host.
     index: BTreeSet<(u32, HostId)>,
-    per_host: HashMap<(WorkloadKey, HostId), u32>,
-    per_zone: HashMap<(WorkloadKey, Name), u32>,
+    /// Workloads and zones are interned to small numbers, so counting replicas per host and per
+    /// zone never clones a name.
+    workload_ids: HashMap<WorkloadKey, u32>,
+    zone_ids: HashMap<Name, u32>,
+    per_host: HashMap<(u32, HostId), u32>,
+    per_zone: HashMap<(u32, u32), u32>,
 }
 
 impl Scheduler {
@@ -89,6 +94,7 @@ impl Scheduler {
     pub fn handle_host(&mut self, host: &Host) {
         let used = self.hosts.get(&host.id).map(|s| s.used).unwrap_or_default();
         self.unindex(host.id);
+        let zone_id = intern(&mut self.zone_ids, &host.zone);
         let slot = Slot {
             capacity: host.capacity,
             used,
@@ -96,6 +102,7 @@ impl Scheduler {
             container: host.capabilities.container,
             site: host.site.clone(),
             zone: host.zone.clone(),
+            zone_id,
             schedulable: host.state == HostState::Ready,
         };
         self.hosts.insert(host.id, slot);
@@ -120,9 +127,10 @@ impl Scheduler {
             slot.used.memory_mib = slot.used.memory_mib.saturating_sub(resources.memory_mib);
             slot.used.disk_gib = slot.used.disk_gib.saturating_sub(resources.disk_gib);
             slot.used.gpus = slot.used.gpus.saturating_sub(resources.gpus);
-            let zone = slot.zone.clone();
-            decrement(&mut self.per_host, (workload.clone(), host));
-            decrement(&mut self.per_zone, (workload.clone(), zone));
+            if let Some(&w) = self.workload_ids.get(workload) {
+                decrement(&mut self.per_host, (w, host));
+                decrement(&mut self.per_zone, (w, slot.zone_id));
+            }
         }
         self.reindex(host);
     }
@@ -151,22 +159,30 @@ impl Scheduler {
             Spread::Host | Spread::Zone => Box::new(self.index.range((need, HostId(0))..).rev()),
         };
         let mut rejections: HashMap<&'static str, usize> = HashMap::new();
+        // A workload never placed has no replicas anywhere: every count is zero.
+        let w = self.workload_ids.get(request.workload).copied();
+        let avoid: Vec<u32> = request
+            .placement
+            .anti_affinity
+            .iter()
+            .filter_map(|other| self.workload_ids.get(&(request.workload.0.clone(), other.clone())))
+            .copied()
+            .collect();
         let mut best: Option<((u32, u32), HostId)> = None;
         let mut fitting = 0;
         for &(_, id) in candidates.take(Self::SCAN_MAX) {
             let Some(slot) = self.hosts.get(&id) else { continue };
-            if let Err(reason) = self.fits(slot, id, request) {
+            if let Err(reason) = self.fits(slot, id, request, &avoid) {
                 *rejections.entry(reason).or_default() += 1;
                 continue;
             }
-            let key = request.workload;
-            let score = match request.placement.spread {
-                Spread::None => return Ok(id), // first fit on the tightest host: bin-packing
-                Spread::Host => (0, count(&self.per_host, &(key.clone(), id))),
-                Spread::Zone => (
-                    count(&self.per_zone, &(key.clone(), slot.zone.clone())),
-                    count(&self.per_host, &(key.clone(), id)),
-                ),
+            let on_host = |w| count(&self.per_host, &(w, id));
+            let in_zone = |w| count(&self.per_zone, &(w, slot.zone_id));
+            let score = match (request.placement.spread, w) {
+                (Spread::None, _) => return Ok(id), // first fit on the tightest host: bin-packing
+                (_, None) => (0, 0),
+                (Spread::Host, Some(w)) => (0, on_host(w)),
+                (Spread::Zone, Some(w)) => (in_zone(w), on_host(w)),
             };
             if best.is_none_or(|(s, _)| score < s) {
                 best = Some((score, id));
@@ -184,7 +200,13 @@ impl Scheduler {
         })
     }
 
-    fn fits(&self, slot: &Slot, id: HostId, request: &Request<'_>) -> Result<(), &'static str> {
+    fn fits(
+        &self,
+        slot: &Slot,
+        id: HostId,
+        request: &Request<'_>,
+        avoid: &[u32],
+    ) -> Result<(), &'static str> {
         let placement = request.placement;
         if request.vm && !slot.vm {
             return Err("no VM runtime");
@@ -201,11 +223,8 @@ impl Scheduler {
         if !placement.zones.is_empty() && !placement.zones.contains(&slot.zone) {
             return Err("zone not allowed");
         }
-        let tenant = &request.workload.0;
-        for other in &placement.anti_affinity {
-            if count(&self.per_host, &((tenant.clone(), other.clone()), id)) > 0 {
-                return Err("anti-affinity");
-            }
+        if avoid.iter().any(|other| count(&self.per_host, &(*other, id)) > 0) {
+            return Err("anti-affinity");
         }
         Ok(())
     }
@@ -219,9 +238,10 @@ impl Scheduler {
         slot.used.memory_mib += r.memory_mib;
         slot.used.disk_gib += r.disk_gib;
         slot.used.gpus += r.gpus;
-        let zone = slot.zone.clone();
-        *self.per_host.entry((request.workload.clone(), id)).or_default() += 1;
-        *self.per_zone.entry((request.workload.clone(), zone)).or_default() += 1;
+        let zone = slot.zone_id;
+        let w = intern(&mut self.workload_ids, request.workload);
+        *self.per_host.entry((w, id)).or_default() += 1;
+        *self.per_zone.entry((w, zone)).or_default() += 1;
         self.reindex(id);
     }
 
@@ -238,6 +258,17 @@ impl Scheduler {
             self.index.insert((slot.free().cpu_milli, id));
         }
     }
+}
+
+/// The number for `key`, given on first sight.
+fn intern<K: std::hash::Hash + Eq + Clone>(ids: &mut HashMap<K, u32>, key: &K) -> u32 {
+    if let Some(&id) = ids.get(key) {
+        return id;
+    }
+    // At most one id per distinct workload or zone of a cell: far below u32::MAX.
+    let id = ids.len() as u32;
+    ids.insert(key.clone(), id);
+    id
 }
 
 fn count<K: std::hash::Hash + Eq>(map: &HashMap<K, u32>, key: &K) -> u32 {
