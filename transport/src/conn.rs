@@ -17,7 +17,7 @@
 //! When the connection dies, every request in flight fails with `ConnectionLost` (retryable:
 //! the caller decides, with its idempotency key) and every watch ends with the same error.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -80,7 +80,9 @@ struct Inner {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     watches: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
-    cancelled: Mutex<HashSet<u64>>,
+    /// Server streams open on this side: id → cancelled by the watcher. Only ids of open
+    /// streams are ever recorded, so a peer's cancel frames cannot grow it.
+    sinks: Mutex<HashMap<u64, bool>>,
     faults: Option<Arc<dyn Faults>>,
 }
 
@@ -133,7 +135,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
-            cancelled: Mutex::new(HashSet::new()),
+            sinks: Mutex::new(HashMap::new()),
             faults,
         });
         tokio::spawn(write_loop(inner.quic.clone(), queue));
@@ -224,43 +226,53 @@ impl Connection {
         message: &Message,
     ) -> Result<(), TransportError> {
         let frame = Bytes::from_owner(frame::encode(kind, id, address, message)?);
-        let copies = match &self.inner.faults {
-            None => 1,
-            Some(faults) => match faults.on_send(&self.inner.peer, address, frame.len()) {
-                Fate::Deliver => 1,
-                Fate::Drop => 0,
-                Fate::Duplicate => 2,
-                Fate::Delay(after) => {
-                    let (connection, delayed) = (self.clone(), frame.clone());
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = connection.enqueue(delayed).await;
-                    });
-                    0
-                }
-            },
-        };
-        for _ in 0..copies {
+        for _ in 0..self.copies(address, &frame) {
             self.enqueue(frame.clone()).await?;
         }
         Ok(())
     }
 
+    /// How many copies of `frame` to send now, as the fault seam decides (one without faults).
+    /// A delayed frame is sent later by a task of its own: only under the chaos harness.
+    fn copies(&self, address: u64, frame: &Bytes) -> usize {
+        let Some(faults) = &self.inner.faults else { return 1 };
+        match faults.on_send(&self.inner.peer, address, frame.len()) {
+            Fate::Deliver => 1,
+            Fate::Drop => 0,
+            Fate::Duplicate => 2,
+            Fate::Delay(after) => {
+                let (connection, delayed) = (self.clone(), frame.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = connection.enqueue(delayed).await;
+                });
+                0
+            }
+        }
+    }
+
     async fn enqueue(&self, frame: Bytes) -> Result<(), TransportError> {
-        // A frame is at most FRAME_LEN_MAX + prefix, far below u32::MAX and the byte budget.
-        let permits = frame.len().min(self.inner.limits.queued_bytes_max) as u32;
-        let room = self.inner.queued.clone().acquire_many_owned(permits).await;
+        let room = self.inner.queued.clone().acquire_many_owned(self.permits(&frame)).await;
         let room = room.map_err(|_| self.lost())?;
         self.inner.outgoing.send((frame, room)).map_err(|_| self.lost())
     }
 
-    /// Sends a frame from a destructor: best effort, never blocks.
+    /// Queue room a frame takes. A frame is at most FRAME_LEN_MAX plus its prefix, far below
+    /// u32::MAX; capped at the whole budget so that one frame can always go.
+    fn permits(&self, frame: &Bytes) -> u32 {
+        frame.len().min(self.inner.limits.queued_bytes_max) as u32
+    }
+
+    /// Sends a frame from a destructor: best effort, never blocks and never spawns (so a peer
+    /// that stops reading cannot make dropped requests pile up): dropped when there is no room.
     fn send_from_drop(&self, kind: FrameKind, id: u64, address: u64, message: Message) {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let connection = self.clone();
-            runtime.spawn(async move {
-                let _ = connection.send_frame(kind, id, address, &message).await;
-            });
+        let Ok(frame) = frame::encode(kind, id, address, &message) else { return };
+        let frame = Bytes::from_owner(frame);
+        for _ in 0..self.copies(address, &frame) {
+            if let Ok(room) = self.inner.queued.clone().try_acquire_many_owned(self.permits(&frame))
+            {
+                let _ = self.inner.outgoing.send((frame.clone(), room));
+            }
         }
     }
 
@@ -365,7 +377,9 @@ impl Connection {
                 }
             }
             FrameKind::Cancel => {
-                lock(&self.inner.cancelled).insert(id);
+                if let Some(cancelled) = lock(&self.inner.sinks).get_mut(&id) {
+                    *cancelled = true;
+                }
             }
             FrameKind::Request | FrameKind::OneWay | FrameKind::Watch => {
                 let reply = match kind {
@@ -375,12 +389,7 @@ impl Connection {
                         address,
                         done: false,
                     }),
-                    FrameKind::Watch => Reply::Stream(StreamSink {
-                        connection: self.clone(),
-                        id,
-                        address,
-                        ended: false,
-                    }),
+                    FrameKind::Watch => Reply::Stream(StreamSink::open(self, id, address)),
                     _ => Reply::None,
                 };
                 let peer = self.inner.peer.clone();
@@ -466,9 +475,14 @@ pub struct StreamSink {
 }
 
 impl StreamSink {
+    fn open(connection: &Connection, id: u64, address: u64) -> Self {
+        lock(&connection.inner.sinks).insert(id, false);
+        Self { connection: connection.clone(), id, address, ended: false }
+    }
+
     /// Sends one item; fails once the watcher cancelled or the connection died.
     pub async fn send(&self, message: &Message) -> Result<(), TransportError> {
-        if lock(&self.connection.inner.cancelled).contains(&self.id) {
+        if lock(&self.connection.inner.sinks).get(&self.id).is_none_or(|cancelled| *cancelled) {
             return Err(TransportError::Closed);
         }
         self.connection.send_frame(FrameKind::Item, self.id, self.address, message).await
@@ -484,7 +498,7 @@ impl StreamSink {
 
 impl Drop for StreamSink {
     fn drop(&mut self) {
-        lock(&self.connection.inner.cancelled).remove(&self.id);
+        lock(&self.connection.inner.sinks).remove(&self.id);
         if !self.ended {
             let end = ErrorReply { code: ErrorCode::Closed, detail: String::new() };
             self.connection.send_from_drop(
