@@ -6,7 +6,10 @@
 //! rule every other part leans on, and [`core::membership`]: registration, heartbeats with
 //! duplicate and reorder protection, leases (ready → suspect → down), draining; and
 //! [`core::scheduler`]: a capacity index that places replicas (filters, bin-packing or spreading
-//! over hosts and zones, anti-affinity) without scanning every host and never over-commits one.
+//! over hosts and zones, anti-affinity) without scanning every host and never over-commits one;
+//! and [`core::controller`]: replicated and stateful workloads (ordered start, stable ordinals),
+//! replacement of failed replicas and of those on down hosts, stale reports fenced by epoch, VM
+//! power as desired state — one code path for containers and VMs.
 #![deny(missing_docs)]
 
 pub mod core;

@@ -1,0 +1,431 @@
+//! Workload controllers: desired state against actual state, the same code for containers and
+//! VMs.
+//!
+//! Protocol (pure: inputs by `handle_*`, actions out by [`WorkloadController::poll_action`]):
+//! - the spec says how many replica slots exist (ordinals `0..replicas`);
+//! - a slot with no host asks to be placed ([`Action::Place`]); once the scheduler chose a host
+//!   ([`WorkloadController::handle_placed`]) the slot is assigned there with the cell's current
+//!   epoch ([`Action::Assign`]);
+//! - `Replicated`: every empty slot asks for placement at once; scaling down stops the highest
+//!   ordinals. `Stateful`: ordered start — slot `i` asks for placement only once slot `i - 1` is
+//!   running — and a replacement keeps its ordinal (its identity);
+//! - a host going down empties its slots, which ask for placement again (on another host);
+//! - status reports carry the assignment's epoch and host: one from an older epoch or another
+//!   host is stale and ignored, so a host that missed a failover cannot move a slot's state;
+//! - a replica that failed is replaced like one whose host went down;
+//! - VM power: `Stop` makes running VM slots stop (keeping their placement); `Start` starts them
+//!   again; `Reboot` asks their hosts to reset them.
+//!
+//! Invariant: a slot is assigned to at most one host at a time; a new assignment is made only
+//! after the old one was emptied (host down, replica failed or stopped on purpose).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use cellplane_api::{
+    Controller, HostId, PowerState, ReplicaPhase, VmAction, WorkloadKind, WorkloadSpec,
+};
+
+/// What the controller wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Find a host for this slot.
+    Place {
+        /// The slot.
+        ordinal: u32,
+    },
+    /// Run this slot on this host, under this epoch.
+    Assign {
+        /// The slot.
+        ordinal: u32,
+        /// The host.
+        host: HostId,
+        /// The cell epoch (fencing).
+        epoch: u64,
+    },
+    /// Stop this slot's replica on its host and free the slot.
+    Stop {
+        /// The slot.
+        ordinal: u32,
+        /// The host.
+        host: HostId,
+    },
+    /// A VM power action for the replica on this host.
+    Power {
+        /// The slot.
+        ordinal: u32,
+        /// The host.
+        host: HostId,
+        /// What to do.
+        action: VmAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    host: Option<HostId>,
+    phase: ReplicaPhase,
+    /// Whether a placement request is outstanding.
+    placing: bool,
+}
+
+/// The controller of one workload.
+#[derive(Debug)]
+pub struct WorkloadController {
+    spec: WorkloadSpec,
+    epoch: u64,
+    slots: BTreeMap<u32, Slot>,
+    actions: VecDeque<Action>,
+}
+
+impl WorkloadController {
+    /// A controller for `spec` in a cell at `epoch`.
+    pub fn new(spec: WorkloadSpec, epoch: u64) -> Self {
+        let mut controller = Self { spec, epoch, slots: BTreeMap::new(), actions: VecDeque::new() };
+        controller.reconcile();
+        controller
+    }
+
+    /// A new spec: replica count, controller kind and VM power are taken from it.
+    pub fn handle_spec(&mut self, spec: WorkloadSpec) {
+        let power_before = vm_power(&self.spec);
+        self.spec = spec;
+        if let (Some(before), Some(after)) = (power_before, vm_power(&self.spec))
+            && before != after
+        {
+            let action = if after == PowerState::On { VmAction::Start } else { VmAction::Stop };
+            self.handle_vm_action(action);
+        }
+        self.reconcile();
+    }
+
+    /// The scheduler placed `ordinal` on `host` (it reserved the resources).
+    pub fn handle_placed(&mut self, ordinal: u32, host: HostId) {
+        let Some(slot) = self.slots.get_mut(&ordinal) else {
+            // Scaled away while placing: give the host back.
+            self.actions.push_back(Action::Stop { ordinal, host });
+            return;
+        };
+        assert!(slot.host.is_none(), "controller: slot {ordinal} placed twice");
+        *slot = Slot { host: Some(host), phase: ReplicaPhase::Assigned, placing: false };
+        self.actions.push_back(Action::Assign { ordinal, host, epoch: self.epoch });
+    }
+
+    /// The scheduler could not place `ordinal`; it asks again on the next reconcile.
+    pub fn handle_unplaced(&mut self, ordinal: u32) {
+        if let Some(slot) = self.slots.get_mut(&ordinal) {
+            slot.placing = false;
+        }
+    }
+
+    /// A host reports a replica's phase. Stale reports (older epoch, other host) are ignored.
+    pub fn handle_status(&mut self, ordinal: u32, host: HostId, epoch: u64, phase: ReplicaPhase) {
+        let Some(slot) = self.slots.get_mut(&ordinal) else { return };
+        if epoch != self.epoch || slot.host != Some(host) {
+            return;
+        }
+        slot.phase = phase;
+        if phase == ReplicaPhase::Failed {
+            // Replace it: free the slot; the next reconcile places it again.
+            self.actions.push_back(Action::Stop { ordinal, host });
+            *slot = Slot { host: None, phase: ReplicaPhase::Pending, placing: false };
+        }
+        self.reconcile();
+    }
+
+    /// A host went down: its slots are empty now and will be placed elsewhere.
+    pub fn handle_host_down(&mut self, host: HostId) {
+        for slot in self.slots.values_mut().filter(|s| s.host == Some(host)) {
+            *slot = Slot { host: None, phase: ReplicaPhase::Pending, placing: false };
+        }
+        self.reconcile();
+    }
+
+    /// A VM power action on every slot that has a host.
+    pub fn handle_vm_action(&mut self, action: VmAction) {
+        if !matches!(self.spec.kind, WorkloadKind::Vm(_)) {
+            return;
+        }
+        for (&ordinal, slot) in &self.slots {
+            if let Some(host) = slot.host {
+                self.actions.push_back(Action::Power { ordinal, host, action });
+            }
+        }
+    }
+
+    /// The next action, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Each slot's host and phase.
+    pub fn slots(&self) -> impl Iterator<Item = (u32, Option<HostId>, ReplicaPhase)> + '_ {
+        self.slots.iter().map(|(o, s)| (*o, s.host, s.phase))
+    }
+
+    fn reconcile(&mut self) {
+        let want = self.spec.replicas;
+        // Scale down: the highest ordinals go first.
+        let extra: Vec<u32> = self.slots.range(want..).map(|(o, _)| *o).collect();
+        for ordinal in extra {
+            if let Some(Slot { host: Some(host), .. }) = self.slots.remove(&ordinal) {
+                self.actions.push_back(Action::Stop { ordinal, host });
+            }
+        }
+        // Scale up: new slots start empty.
+        for ordinal in 0..want {
+            self.slots.entry(ordinal).or_insert(Slot {
+                host: None,
+                phase: ReplicaPhase::Pending,
+                placing: false,
+            });
+        }
+        let ordered = self.spec.controller == Controller::Stateful;
+        let mut previous_running = true;
+        for (&ordinal, slot) in self.slots.iter_mut() {
+            if slot.host.is_none() && !slot.placing && (!ordered || previous_running) {
+                slot.placing = true;
+                self.actions.push_back(Action::Place { ordinal });
+            }
+            previous_running = slot.phase == ReplicaPhase::Running;
+        }
+    }
+}
+
+fn vm_power(spec: &WorkloadSpec) -> Option<PowerState> {
+    match &spec.kind {
+        WorkloadKind::Vm(vm) => Some(vm.power),
+        WorkloadKind::Container(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use cellplane_api::{
+        ContainerSpec, Placement, Resources, UpdateStrategy, VmSpec, WorkloadName,
+    };
+
+    fn spec(controller: Controller, replicas: u32, vm: bool) -> WorkloadSpec {
+        let kind = if vm {
+            WorkloadKind::Vm(VmSpec {
+                image: "debian".into(),
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 10,
+                cloud_init: None,
+                power: PowerState::On,
+            })
+        } else {
+            WorkloadKind::Container(ContainerSpec {
+                image: "web".into(),
+                command: vec![],
+                env: Default::default(),
+            })
+        };
+        WorkloadSpec {
+            name: WorkloadName::new("w").unwrap(),
+            kind,
+            controller,
+            replicas,
+            resources: Resources { cpu_milli: 1_000, memory_mib: 1_024, disk_gib: 10, gpus: 0 },
+            placement: Placement::default(),
+            update: UpdateStrategy::default(),
+        }
+    }
+
+    fn drain(c: &mut WorkloadController) -> Vec<Action> {
+        std::iter::from_fn(|| c.poll_action()).collect()
+    }
+
+    #[test]
+    fn replicated_places_all_at_once_and_scales_down_from_the_top() {
+        let mut c = WorkloadController::new(spec(Controller::Replicated, 3, false), 7);
+        assert_eq!(
+            drain(&mut c),
+            (0..3).map(|ordinal| Action::Place { ordinal }).collect::<Vec<_>>()
+        );
+        for o in 0..3 {
+            c.handle_placed(o, HostId(10 + u64::from(o)));
+        }
+        assert_eq!(drain(&mut c)[0], Action::Assign { ordinal: 0, host: HostId(10), epoch: 7 });
+        c.handle_spec(spec(Controller::Replicated, 1, false));
+        assert_eq!(
+            drain(&mut c),
+            [
+                Action::Stop { ordinal: 1, host: HostId(11) },
+                Action::Stop { ordinal: 2, host: HostId(12) }
+            ]
+        );
+        assert_eq!(c.slots().count(), 1);
+    }
+
+    #[test]
+    fn stateful_starts_in_order_and_a_replacement_keeps_its_ordinal() {
+        let mut c = WorkloadController::new(spec(Controller::Stateful, 3, false), 1);
+        assert_eq!(drain(&mut c), [Action::Place { ordinal: 0 }]);
+        c.handle_placed(0, HostId(1));
+        drain(&mut c);
+        c.handle_status(0, HostId(1), 1, ReplicaPhase::Starting);
+        assert!(drain(&mut c).is_empty(), "1 waits until 0 runs");
+        c.handle_status(0, HostId(1), 1, ReplicaPhase::Running);
+        assert_eq!(drain(&mut c), [Action::Place { ordinal: 1 }]);
+        c.handle_placed(1, HostId(2));
+        c.handle_status(1, HostId(2), 1, ReplicaPhase::Running);
+        assert_eq!(drain(&mut c).last(), Some(&Action::Place { ordinal: 2 }));
+        // Host 1 dies: ordinal 0 is placed again, as ordinal 0.
+        c.handle_host_down(HostId(1));
+        assert_eq!(drain(&mut c), [Action::Place { ordinal: 0 }]);
+    }
+
+    #[test]
+    fn stale_reports_are_ignored_and_failures_are_replaced() {
+        let mut c = WorkloadController::new(spec(Controller::Replicated, 1, false), 5);
+        drain(&mut c);
+        c.handle_placed(0, HostId(1));
+        drain(&mut c);
+        c.handle_status(0, HostId(1), 4, ReplicaPhase::Failed); // an older incarnation's report
+        c.handle_status(0, HostId(9), 5, ReplicaPhase::Failed); // a host that does not hold it
+        assert!(drain(&mut c).is_empty());
+        assert_eq!(c.slots().next(), Some((0, Some(HostId(1)), ReplicaPhase::Assigned)));
+        c.handle_status(0, HostId(1), 5, ReplicaPhase::Failed);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Stop { ordinal: 0, host: HostId(1) }, Action::Place { ordinal: 0 }]
+        );
+    }
+
+    #[test]
+    fn vm_power_flows_as_desired_state_and_containers_ignore_it() {
+        let mut c = WorkloadController::new(spec(Controller::Stateful, 1, true), 1);
+        drain(&mut c);
+        c.handle_placed(0, HostId(3));
+        drain(&mut c);
+        let mut off = spec(Controller::Stateful, 1, true);
+        if let WorkloadKind::Vm(vm) = &mut off.kind {
+            vm.power = PowerState::Off;
+        }
+        c.handle_spec(off);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Power { ordinal: 0, host: HostId(3), action: VmAction::Stop }]
+        );
+        c.handle_vm_action(VmAction::Reboot);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Power { ordinal: 0, host: HostId(3), action: VmAction::Reboot }]
+        );
+
+        let mut web = WorkloadController::new(spec(Controller::Replicated, 1, false), 1);
+        drain(&mut web);
+        web.handle_placed(0, HostId(4));
+        drain(&mut web);
+        web.handle_vm_action(VmAction::Reboot);
+        assert!(drain(&mut web).is_empty());
+    }
+
+    /// Seeded chaos: hosts die, replicas fail, reports arrive twice, late or from the past; a slot
+    /// is never assigned while it holds an assignment, and once faults stop every slot runs.
+    #[test]
+    fn converges_without_double_assignment_under_seeded_faults() {
+        for seed in [1u64, 7, 42, 1_000] {
+            let mut rng = seed;
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            for controller in [Controller::Replicated, Controller::Stateful] {
+                let mut c = WorkloadController::new(spec(controller, 5, false), 3);
+                let mut holding: HashMap<u32, HostId> = HashMap::new();
+                let mut down = [false; 8];
+                let mut reports: Vec<(u32, HostId, u64, ReplicaPhase)> = Vec::new();
+                for step in 0..400 {
+                    let calm = step >= 200;
+                    while let Some(action) = c.poll_action() {
+                        match action {
+                            Action::Place { ordinal } => {
+                                let up: Vec<u64> = (0..8).filter(|h| !down[*h as usize]).collect();
+                                if up.is_empty() || (!calm && next(5) == 0) {
+                                    c.handle_unplaced(ordinal);
+                                } else {
+                                    c.handle_placed(
+                                        ordinal,
+                                        HostId(up[next(up.len() as u64) as usize]),
+                                    );
+                                }
+                            }
+                            Action::Assign { ordinal, host, epoch } => {
+                                assert!(
+                                    holding.insert(ordinal, host).is_none(),
+                                    "slot {ordinal} assigned twice"
+                                );
+                                reports.push((ordinal, host, epoch, ReplicaPhase::Running));
+                            }
+                            Action::Stop { ordinal, host } => {
+                                if holding.get(&ordinal) == Some(&host) {
+                                    holding.remove(&ordinal);
+                                }
+                            }
+                            Action::Power { .. } => {}
+                        }
+                    }
+                    if !calm {
+                        match next(10) {
+                            0 => {
+                                let h = next(8);
+                                down[h as usize] = true;
+                                holding.retain(|_, held| held.0 != h);
+                                c.handle_host_down(HostId(h));
+                            }
+                            1 => down[next(8) as usize] = false,
+                            2 => {
+                                if let Some((&o, &h)) = holding.iter().next() {
+                                    reports.push((o, h, 3, ReplicaPhase::Failed));
+                                }
+                            }
+                            3 => reports.push((
+                                next(5) as u32,
+                                HostId(next(8)),
+                                2,
+                                ReplicaPhase::Failed,
+                            )),
+                            4 => {
+                                if let Some(r) = reports.first().copied() {
+                                    reports.push(r); // duplicate
+                                }
+                            }
+                            _ => {}
+                        }
+                    } else {
+                        down.iter_mut().for_each(|d| *d = false);
+                    }
+                    // Deliver reports, sometimes out of order while faults last.
+                    if !reports.is_empty() {
+                        let at = if calm { 0 } else { next(reports.len() as u64) as usize };
+                        let (o, h, e, phase) = reports.remove(at);
+                        // A failure report makes the driver forget its assignment too.
+                        if phase == ReplicaPhase::Failed && e == 3 && holding.get(&o) == Some(&h) {
+                            holding.remove(&o);
+                        }
+                        c.handle_status(o, h, e, phase);
+                    }
+                    // Calm: retry any slot left without a host.
+                    if calm && step % 10 == 0 {
+                        c.handle_spec(spec(controller, 5, false));
+                    }
+                }
+                let slots: Vec<_> = c.slots().collect();
+                assert_eq!(slots.len(), 5);
+                assert!(
+                    slots
+                        .iter()
+                        .all(|(_, host, phase)| host.is_some() && *phase == ReplicaPhase::Running),
+                    "seed {seed} {controller:?}: not converged: {slots:?}"
+                );
+            }
+        }
+    }
+}
