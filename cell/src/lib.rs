@@ -9,9 +9,11 @@
 //! over hosts and zones, anti-affinity) without scanning every host and never over-commits one;
 //! and [`core::controller`]: replicated and stateful workloads (ordered start, stable ordinals),
 //! replacement of failed replicas and of those on down hosts, stale reports fenced by epoch, VM
-//! power as desired state — one code path for containers and VMs.
+//! power as desired state — one code path for containers and VMs. [`incarnation`] bumps the
+//! cell's epoch in storage on every start.
 #![deny(missing_docs)]
 
 pub mod core;
+pub mod incarnation;
 
 pub use crate::core::fencing::Epoch;
