@@ -55,6 +55,8 @@ pub struct Limits {
     pub watch_items_max: usize,
     /// A connection silent this long (keep-alives included) is dead; keep-alives go at a quarter.
     pub idle_timeout_ms: u32,
+    /// Most connections a server holds at once; more are refused (servers only).
+    pub connections_max: usize,
 }
 
 impl Default for Limits {
@@ -64,6 +66,7 @@ impl Default for Limits {
             queued_bytes_max: 8 << 20,
             watch_items_max: 256,
             idle_timeout_ms: 5_000,
+            connections_max: 16_384,
         }
     }
 }

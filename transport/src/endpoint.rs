@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cellplane_api::wire::Message;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::conn::{CLOSE_REFUSED, Connection, Inbound, Limits, Watch};
 use crate::error::TransportError;
@@ -81,7 +81,15 @@ async fn accept_loop(
     inbound: mpsc::Sender<Inbound>,
     announce: mpsc::Sender<Connection>,
 ) {
+    // Every connection holds a slot until it ends: a flood of peers cannot grow the server's
+    // tasks and buffers past `connections_max`.
+    let slots = Arc::new(Semaphore::new(setup.limits.connections_max.max(1)));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: server full");
+            incoming.refuse();
+            continue;
+        };
         let (setup, allowed, inbound, announce) =
             (setup.clone(), allowed.clone(), inbound.clone(), announce.clone());
         tokio::spawn(async move {
@@ -99,7 +107,9 @@ async fn accept_loop(
             }
             let connection =
                 Connection::start(quic, peer, setup.limits, setup.faults, Some(inbound));
-            let _ = announce.try_send(connection);
+            let _ = announce.try_send(connection.clone());
+            connection.closed().await;
+            drop(slot);
         });
     }
 }
