@@ -26,9 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, check_len};
 use crate::model::{
-    Host, HostId, HostState, Replica, ReplicaPhase, Validate, VmAction, WorkloadSpec,
+    Host, HostId, HostState, Replica, ReplicaPhase, Resources, Tenant, Validate, VmAction,
+    WorkloadSpec,
 };
-use crate::name::{TenantId, WorkloadName};
+use crate::name::{CellId, TenantId, WorkloadName};
 
 /// The version this build writes and the only one it reads.
 pub const WIRE_VERSION: u16 = 1;
@@ -126,6 +127,131 @@ wire! {
         Apply(Box<Apply>),
         /// A tenant acts on a VM.
         VmAction(Box<VmActionRequest>),
+        /// A change was committed durably; the storage version it committed at.
+        Done(u64),
+        /// The router (or an operator) creates or updates a tenant in a cell.
+        PutTenant(Box<Tenant>),
+        /// Read one workload.
+        Get(Box<WorkloadRef>),
+        /// Remove a workload and stop its replicas.
+        Delete(Box<WorkloadRef>),
+        /// Change a workload's replica count.
+        Scale(Box<Scale>),
+        /// List a tenant's workloads, a page at a time.
+        List(Box<ListRequest>),
+        /// A page of workloads.
+        Workloads(Box<WorkloadList>),
+        /// One workload and its replicas.
+        Workload(Box<WorkloadStatus>),
+        /// Stream changes to a tenant's workloads (items: `Workload` and `Deleted`).
+        Watch(TenantId),
+        /// A workload was removed (a watch item).
+        Deleted(Box<WorkloadRef>),
+        /// Ask for a cell's capacity and health.
+        SummaryRequest,
+        /// A cell's capacity and health.
+        Summary(Box<CellSummary>),
+        /// A host opens its assignment stream: every current assignment, then `Synced`, then
+        /// changes as they happen.
+        Subscribe(HostId),
+        /// The host holds every assignment the cell has for it (sent after the initial set).
+        Synced(u64),
+        /// Stop a replica and forget its slot.
+        Unassign(Box<Unassign>),
+        /// A VM power action for a replica on the host.
+        Power(Box<PowerCommand>),
+    }
+
+    /// Names one workload of one tenant.
+    pub struct WorkloadRef {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// The workload.
+        pub workload: WorkloadName,
+    }
+
+    /// Change a workload's replica count.
+    pub struct Scale {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// The workload.
+        pub workload: WorkloadName,
+        /// The new count.
+        pub replicas: u32,
+    }
+
+    /// A page request.
+    pub struct ListRequest {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// Start after this name (the last one of the previous page).
+        pub after: Option<WorkloadName>,
+        /// Most items in the page (the cell caps it).
+        pub limit: u32,
+    }
+
+    /// A page of workloads.
+    pub struct WorkloadList {
+        /// The workloads, by name.
+        pub items: Vec<WorkloadStatus>,
+        /// Whether more follow after the last one.
+        pub more: bool,
+    }
+
+    /// A workload's desired state and its replicas.
+    pub struct WorkloadStatus {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// What was applied.
+        pub spec: WorkloadSpec,
+        /// Its replica slots.
+        pub replicas: Vec<Replica>,
+    }
+
+    /// A cell's capacity and health, as the router sees it.
+    pub struct CellSummary {
+        /// The cell.
+        pub cell: CellId,
+        /// Its current epoch.
+        pub epoch: u64,
+        /// Hosts by state: joining, ready, suspect, down, draining.
+        pub hosts: [u32; 5],
+        /// Total capacity of ready hosts.
+        pub capacity: Resources,
+        /// What replicas reserve on ready hosts.
+        pub used: Resources,
+        /// Workloads held.
+        pub workloads: u32,
+        /// Replica slots held.
+        pub replicas: u64,
+        /// Replica slots waiting for a host.
+        pub pending: u64,
+    }
+
+    /// Stop a replica slot on a host.
+    pub struct Unassign {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// The workload.
+        pub workload: WorkloadName,
+        /// The slot.
+        pub ordinal: u32,
+        /// The cell epoch of the command.
+        pub epoch: u64,
+    }
+
+    /// A VM power action, addressed to a host.
+    pub struct PowerCommand {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// The workload.
+        pub workload: WorkloadName,
+        /// The slot.
+        pub ordinal: u32,
+        /// The cell epoch of the command.
+        pub epoch: u64,
+        /// What to do.
+        pub action: VmAction,
     }
 
     /// What kind of refusal.
@@ -248,7 +374,48 @@ impl Validate for Message {
                 v.tenant.0.check("vm_action.tenant")?;
                 v.workload.0.check("vm_action.workload")
             }
+            Message::PutTenant(t) => t.validate(),
+            Message::Get(r) | Message::Delete(r) | Message::Deleted(r) => r.validate(),
+            Message::Scale(s) => {
+                s.tenant.0.check("scale.tenant")?;
+                s.workload.0.check("scale.workload")
+            }
+            Message::List(l) => {
+                l.tenant.0.check("list.tenant")?;
+                l.after.as_ref().map_or(Ok(()), |a| a.0.check("list.after"))
+            }
+            Message::Workloads(list) => list.items.iter().try_for_each(Validate::validate),
+            Message::Workload(w) => w.validate(),
+            Message::Watch(t) => t.0.check("watch.tenant"),
+            Message::Summary(s) => s.cell.0.check("summary.cell"),
+            Message::Unassign(u) => {
+                u.tenant.0.check("unassign.tenant")?;
+                u.workload.0.check("unassign.workload")
+            }
+            Message::Power(p) => {
+                p.tenant.0.check("power.tenant")?;
+                p.workload.0.check("power.workload")
+            }
+            Message::Done(_)
+            | Message::SummaryRequest
+            | Message::Subscribe(_)
+            | Message::Synced(_) => Ok(()),
         }
+    }
+}
+
+impl Validate for WorkloadRef {
+    fn validate(&self) -> Result<(), ModelError> {
+        self.tenant.0.check("workload.tenant")?;
+        self.workload.0.check("workload.workload")
+    }
+}
+
+impl Validate for WorkloadStatus {
+    fn validate(&self) -> Result<(), ModelError> {
+        self.tenant.0.check("workload.tenant")?;
+        self.spec.validate()?;
+        self.replicas.iter().try_for_each(Validate::validate)
     }
 }
 

@@ -15,6 +15,13 @@
 //! - a replica that failed is replaced like one whose host went down;
 //! - VM power: `Stop` makes running VM slots stop (keeping their placement); `Start` starts them
 //!   again; `Reboot` asks their hosts to reset them.
+//! - rolling update: a spec whose template changed (anything but the replica count and VM
+//!   power) starts a new generation. Slots of an older generation are replaced one by one, the
+//!   highest ordinal first, while fewer than `max_unavailable` (at least one) slots are not
+//!   running; a replaced stateful slot keeps its ordinal. `max_surge` is not used yet: replacing
+//!   in place keeps a slot on at most one host, which surge would break for stateful slots.
+//! - recovery: [`WorkloadController::restore`] takes the slots read back from storage under the
+//!   new epoch; their phase is unknown (`Assigned`) until their hosts report.
 //!
 //! Invariant: a slot is assigned to at most one host at a time; a new assignment is made only
 //! after the old one was emptied (host down, replica failed or stopped on purpose).
@@ -41,6 +48,8 @@ pub enum Action {
         host: HostId,
         /// The cell epoch (fencing).
         epoch: u64,
+        /// The spec generation the slot runs.
+        generation: u64,
     },
     /// Stop this slot's replica on its host and free the slot.
     Stop {
@@ -66,6 +75,13 @@ struct Slot {
     phase: ReplicaPhase,
     /// Whether a placement request is outstanding.
     placing: bool,
+    /// The spec generation it was assigned under.
+    generation: u64,
+}
+
+impl Slot {
+    const EMPTY: Slot =
+        Slot { host: None, phase: ReplicaPhase::Pending, placing: false, generation: 0 };
 }
 
 /// The controller of one workload.
@@ -73,6 +89,7 @@ struct Slot {
 pub struct WorkloadController {
     spec: WorkloadSpec,
     epoch: u64,
+    generation: u64,
     slots: BTreeMap<u32, Slot>,
     actions: VecDeque<Action>,
 }
@@ -80,14 +97,47 @@ pub struct WorkloadController {
 impl WorkloadController {
     /// A controller for `spec` in a cell at `epoch`.
     pub fn new(spec: WorkloadSpec, epoch: u64) -> Self {
-        let mut controller = Self { spec, epoch, slots: BTreeMap::new(), actions: VecDeque::new() };
+        Self::restore(spec, epoch, 1, [])
+    }
+
+    /// A controller recovered from storage: `spec` at `generation`, and the slots that held a
+    /// host, as `(ordinal, host, generation)`. Slots beyond the spec's count are stopped.
+    pub fn restore(
+        spec: WorkloadSpec,
+        epoch: u64,
+        generation: u64,
+        slots: impl IntoIterator<Item = (u32, HostId, u64)>,
+    ) -> Self {
+        let slots = slots
+            .into_iter()
+            .map(|(ordinal, host, generation)| {
+                let phase = ReplicaPhase::Assigned;
+                (ordinal, Slot { host: Some(host), phase, placing: false, generation })
+            })
+            .collect();
+        let mut controller =
+            Self { spec, epoch, generation, slots, actions: VecDeque::new() };
         controller.reconcile();
         controller
     }
 
-    /// A new spec: replica count, controller kind and VM power are taken from it.
+    /// The spec generation: it grows by one whenever the template changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The current spec.
+    pub fn spec(&self) -> &WorkloadSpec {
+        &self.spec
+    }
+
+    /// A new spec: replica count, controller kind and VM power are taken from it; any other
+    /// change starts a rolling update.
     pub fn handle_spec(&mut self, spec: WorkloadSpec) {
         let power_before = vm_power(&self.spec);
+        if template(&self.spec) != template(&spec) {
+            self.generation += 1;
+        }
         self.spec = spec;
         if let (Some(before), Some(after)) = (power_before, vm_power(&self.spec))
             && before != after
@@ -106,8 +156,9 @@ impl WorkloadController {
             return;
         };
         assert!(slot.host.is_none(), "controller: slot {ordinal} placed twice");
-        *slot = Slot { host: Some(host), phase: ReplicaPhase::Assigned, placing: false };
-        self.actions.push_back(Action::Assign { ordinal, host, epoch: self.epoch });
+        let generation = self.generation;
+        *slot = Slot { host: Some(host), phase: ReplicaPhase::Assigned, placing: false, generation };
+        self.actions.push_back(Action::Assign { ordinal, host, epoch: self.epoch, generation });
     }
 
     /// The scheduler could not place `ordinal`; it asks again on the next reconcile.
@@ -127,7 +178,7 @@ impl WorkloadController {
         if phase == ReplicaPhase::Failed {
             // Replace it: free the slot; the next reconcile places it again.
             self.actions.push_back(Action::Stop { ordinal, host });
-            *slot = Slot { host: None, phase: ReplicaPhase::Pending, placing: false };
+            *slot = Slot::EMPTY;
         }
         self.reconcile();
     }
@@ -135,7 +186,7 @@ impl WorkloadController {
     /// A host went down: its slots are empty now and will be placed elsewhere.
     pub fn handle_host_down(&mut self, host: HostId) {
         for slot in self.slots.values_mut().filter(|s| s.host == Some(host)) {
-            *slot = Slot { host: None, phase: ReplicaPhase::Pending, placing: false };
+            *slot = Slot::EMPTY;
         }
         self.reconcile();
     }
@@ -173,11 +224,25 @@ impl WorkloadController {
         }
         // Scale up: new slots start empty.
         for ordinal in 0..want {
-            self.slots.entry(ordinal).or_insert(Slot {
-                host: None,
-                phase: ReplicaPhase::Pending,
-                placing: false,
-            });
+            self.slots.entry(ordinal).or_insert(Slot::EMPTY);
+        }
+        // Rolling update: replace outdated slots, highest first, within the unavailability
+        // budget.
+        let budget = self.spec.update.max_unavailable.max(1) as usize;
+        let mut unavailable =
+            self.slots.values().filter(|s| s.phase != ReplicaPhase::Running).count();
+        for (&ordinal, slot) in self.slots.iter_mut().rev() {
+            if unavailable >= budget {
+                break;
+            }
+            if let Some(host) = slot.host
+                && slot.generation < self.generation
+                && slot.phase == ReplicaPhase::Running
+            {
+                self.actions.push_back(Action::Stop { ordinal, host });
+                *slot = Slot::EMPTY;
+                unavailable += 1;
+            }
         }
         let ordered = self.spec.controller == Controller::Stateful;
         let mut previous_running = true;
@@ -189,6 +254,15 @@ impl WorkloadController {
             previous_running = slot.phase == ReplicaPhase::Running;
         }
     }
+}
+
+/// What a replica runs: the spec without its count and VM power, which change in place.
+fn template(spec: &WorkloadSpec) -> (WorkloadKind, cellplane_api::Resources, &Controller) {
+    let mut kind = spec.kind.clone();
+    if let WorkloadKind::Vm(vm) = &mut kind {
+        vm.power = PowerState::On;
+    }
+    (kind, spec.resources, &spec.controller)
 }
 
 fn vm_power(spec: &WorkloadSpec) -> Option<PowerState> {
@@ -249,7 +323,10 @@ mod tests {
         for o in 0..3 {
             c.handle_placed(o, HostId(10 + u64::from(o)));
         }
-        assert_eq!(drain(&mut c)[0], Action::Assign { ordinal: 0, host: HostId(10), epoch: 7 });
+        assert_eq!(
+            drain(&mut c)[0],
+            Action::Assign { ordinal: 0, host: HostId(10), epoch: 7, generation: 1 }
+        );
         c.handle_spec(spec(Controller::Replicated, 1, false));
         assert_eq!(
             drain(&mut c),
@@ -325,6 +402,58 @@ mod tests {
         assert!(drain(&mut web).is_empty());
     }
 
+    #[test]
+    fn a_new_image_rolls_out_one_slot_at_a_time_and_a_count_change_does_not() {
+        let mut c = WorkloadController::new(spec(Controller::Stateful, 3, false), 2);
+        for ordinal in 0..3 {
+            drain(&mut c);
+            c.handle_placed(ordinal, HostId(u64::from(ordinal)));
+            c.handle_status(ordinal, HostId(u64::from(ordinal)), 2, ReplicaPhase::Running);
+        }
+        drain(&mut c);
+        c.handle_spec(spec(Controller::Stateful, 3, false));
+        assert!(drain(&mut c).is_empty(), "the same spec changes nothing");
+        let mut v2 = spec(Controller::Stateful, 3, false);
+        if let WorkloadKind::Container(container) = &mut v2.kind {
+            container.image = "web:2".into();
+        }
+        c.handle_spec(v2.clone());
+        assert_eq!(c.generation(), 2);
+        // One at a time (max_unavailable 1), the highest ordinal first, keeping its ordinal.
+        assert_eq!(
+            drain(&mut c),
+            [Action::Stop { ordinal: 2, host: HostId(2) }, Action::Place { ordinal: 2 }]
+        );
+        c.handle_placed(2, HostId(7));
+        assert_eq!(
+            drain(&mut c),
+            [Action::Assign { ordinal: 2, host: HostId(7), epoch: 2, generation: 2 }]
+        );
+        c.handle_status(2, HostId(7), 2, ReplicaPhase::Running);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Stop { ordinal: 1, host: HostId(1) }, Action::Place { ordinal: 1 }]
+        );
+        let mut more = v2;
+        more.replicas = 4;
+        c.handle_spec(more);
+        assert_eq!(c.generation(), 2, "a count change is not a new template");
+    }
+
+    #[test]
+    fn a_restored_controller_keeps_its_hosts_and_places_only_what_is_missing() {
+        let restored = [(0, HostId(5), 1), (2, HostId(6), 1), (7, HostId(9), 1)];
+        let mut c =
+            WorkloadController::restore(spec(Controller::Replicated, 3, false), 4, 1, restored);
+        assert_eq!(
+            drain(&mut c),
+            [Action::Stop { ordinal: 7, host: HostId(9) }, Action::Place { ordinal: 1 }]
+        );
+        let slots: Vec<_> = c.slots().collect();
+        assert_eq!(slots[0], (0, Some(HostId(5)), ReplicaPhase::Assigned));
+        assert_eq!(slots[2], (2, Some(HostId(6)), ReplicaPhase::Assigned));
+    }
+
     /// Seeded chaos: hosts die, replicas fail, reports arrive twice, late or from the past; a slot
     /// is never assigned while it holds an assignment, and once faults stop every slot runs.
     #[test]
@@ -357,7 +486,7 @@ mod tests {
                                     );
                                 }
                             }
-                            Action::Assign { ordinal, host, epoch } => {
+                            Action::Assign { ordinal, host, epoch, .. } => {
                                 assert!(
                                     holding.insert(ordinal, host).is_none(),
                                     "slot {ordinal} assigned twice"

@@ -138,8 +138,24 @@ impl Scheduler {
     /// Places one replica and reserves its resources.
     pub fn place(&mut self, request: &Request<'_>) -> Result<HostId, Unschedulable> {
         let chosen = self.choose(request)?;
-        self.reserve(chosen, request);
+        self.reserve(chosen, request.workload, request.resources);
         Ok(chosen)
+    }
+
+    /// Takes back a reservation recovered from storage: `resources` for `workload` on `host`,
+    /// whatever the host's state. Refused (`false`, nothing reserved) when the host is unknown
+    /// or can no longer fit it; the caller then places that replica again.
+    pub fn handle_restore(
+        &mut self,
+        host: HostId,
+        workload: &WorkloadKey,
+        resources: Resources,
+    ) -> bool {
+        let fits = self.hosts.get(&host).is_some_and(|slot| resources.fits_in(&slot.free()));
+        if fits {
+            self.reserve(host, workload, resources);
+        }
+        fits
     }
 
     /// Places replicas in order; each sees the reservations of those before it.
@@ -229,17 +245,16 @@ impl Scheduler {
         Ok(())
     }
 
-    fn reserve(&mut self, id: HostId, request: &Request<'_>) {
+    fn reserve(&mut self, id: HostId, workload: &WorkloadKey, r: Resources) {
         self.unindex(id);
         let slot = self.hosts.get_mut(&id).expect("scheduler: chose a host it does not know");
-        let r = request.resources;
         assert!(r.fits_in(&slot.free()), "scheduler: chose a host that cannot fit the request");
         slot.used.cpu_milli += r.cpu_milli;
         slot.used.memory_mib += r.memory_mib;
         slot.used.disk_gib += r.disk_gib;
         slot.used.gpus += r.gpus;
         let zone = slot.zone_id;
-        let w = intern(&mut self.workload_ids, request.workload);
+        let w = intern(&mut self.workload_ids, workload);
         *self.per_host.entry((w, id)).or_default() += 1;
         *self.per_zone.entry((w, zone)).or_default() += 1;
         self.reindex(id);
