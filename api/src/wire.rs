@@ -26,8 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, check_len};
 use crate::model::{
-    Host, HostId, HostState, Replica, ReplicaPhase, Resources, Tenant, Validate, VmAction,
-    WorkloadSpec,
+    Host, HostId, HostState, Replica, ReplicaPhase, Tenant, Validate, VmAction, WorkloadSpec,
 };
 use crate::name::{CellId, TenantId, WorkloadName};
 
@@ -216,10 +215,10 @@ wire! {
         pub epoch: u64,
         /// Hosts by state: joining, ready, suspect, down, draining.
         pub hosts: [u32; 5],
-        /// Total capacity of ready hosts.
-        pub capacity: Resources,
-        /// What replicas reserve on ready hosts.
-        pub used: Resources,
+        /// CPU of ready hosts, in thousandths of a core: capacity, then reserved.
+        pub cpu_milli: [u64; 2],
+        /// Memory of ready hosts, in MiB: capacity, then reserved.
+        pub memory_mib: [u64; 2],
         /// Workloads held.
         pub workloads: u32,
         /// Replica slots held.
@@ -313,6 +312,8 @@ wire! {
 
     /// A replica's phase, as the host sees it.
     pub struct StatusReport {
+        /// The reporting host.
+        pub host: HostId,
         /// The tenant that owns the workload.
         pub tenant: TenantId,
         /// The workload.
@@ -698,6 +699,7 @@ mod tests {
             let messages = [
                 Message::Heartbeat(Heartbeat { host: HostId(host), seq, epoch, state: HostState::Suspect }),
                 Message::Status(Box::new(StatusReport {
+                    host: HostId(3),
                     tenant: TenantId::new(&tenant).unwrap(),
                     workload: WorkloadName::new("w").unwrap(),
                     ordinal, epoch, phase: ReplicaPhase::Running, detail,

@@ -1,19 +1,36 @@
 //! A cell: an independent slice of a region, about 100,000 hosts, its tenants' workloads and its
 //! own keyspace. Cells share nothing; a failing cell harms only its own tenants.
 //!
-//! The cell is a tree of supervised ractor actors around pure, deterministic cores (membership,
-//! scheduler, controllers). Built so far, as pure cores in [`core`]: fencing by [`Epoch`], the
-//! rule every other part leans on, and [`core::membership`]: registration, heartbeats with
-//! duplicate and reorder protection, leases (ready → suspect → down), draining; and
-//! [`core::scheduler`]: a capacity index that places replicas (filters, bin-packing or spreading
-//! over hosts and zones, anti-affinity) without scanning every host and never over-commits one;
-//! and [`core::controller`]: replicated and stateful workloads (ordered start, stable ordinals),
-//! replacement of failed replicas and of those on down hosts, stale reports fenced by epoch, VM
-//! power as desired state — one code path for containers and VMs. [`incarnation`] bumps the
+//! Pure, deterministic cores in [`core`]: fencing by [`Epoch`]; [`core::membership`]
+//! (registration, heartbeats, leases, draining); [`core::scheduler`] (a capacity index that
+//! places replicas without scanning every host and never over-commits one);
+//! [`core::controller`] (replicated and stateful workloads, rolling updates, VM power — one
+//! code path for containers and VMs).
+//!
+//! Thin shells around them: a ractor tree ([`supervisor`]) of a [`workloads`] actor (scheduler
+//! and controllers) and membership [`shard`]s, persisted through the group committer
+//! ([`records`] is the layout) and reached through the [`gateway`]. [`incarnation`] bumps the
 //! cell's epoch in storage on every start.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod core;
+pub mod gateway;
 pub mod incarnation;
+pub mod records;
+pub mod shard;
+pub mod supervisor;
+pub mod workloads;
 
+pub use crate::config::CellConfig;
 pub use crate::core::fencing::Epoch;
+pub use crate::gateway::Gateway;
+pub use crate::supervisor::RunningCell;
+
+/// Why a cell could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CellError {
+    /// Its actors could not start (storage unreadable, or a corrupt record).
+    #[error("the cell could not start: {0}")]
+    Start(String),
+}

@@ -102,6 +102,17 @@ impl GroupCommitter {
 
     /// Commits `writes` atomically, as part of a group; returns the commit version once durable.
     pub async fn commit(&self, writes: Vec<Write>) -> Result<u64> {
+        self.submit(writes).await?.await
+    }
+
+    /// Queues `writes` now and returns a future of their commit. Submissions are committed in
+    /// the order they were queued when `in_flight_max` is 1 (the default), so an actor that queues its
+    /// changes in order from its own handler gets them stored in that order, without waiting
+    /// for each commit before handling its next message.
+    pub async fn submit(
+        &self,
+        writes: Vec<Write>,
+    ) -> Result<impl Future<Output = Result<u64>> + Send + 'static> {
         let bytes: usize = writes.iter().map(Write::len).sum();
         if bytes > self.options.batch_bytes_max {
             return Err(StorageError::TransactionTooLarge {
@@ -114,7 +125,7 @@ impl GroupCommitter {
             .send(Submission { writes, bytes, reply })
             .await
             .map_err(|_| StorageError::Closed)?;
-        answer.await.unwrap_or(Err(StorageError::Closed))
+        Ok(async move { answer.await.unwrap_or(Err(StorageError::Closed)) })
     }
 }
 

@@ -58,6 +58,25 @@ pub fn range_of(space: &Subspace) -> RangeOptions {
     RangeOptions::new(begin, end)
 }
 
+/// Keys confined to one tenant's subspace of one cell, for blind writes (group commit): like
+/// [`TenantScope`], it packs only tuples, only under its tenant's prefix.
+#[derive(Debug, Clone)]
+pub struct TenantKeys {
+    space: Subspace,
+}
+
+impl TenantKeys {
+    /// Keys of `tenant` in `cell`.
+    pub fn new(cell: &CellId, tenant_id: &TenantId) -> Self {
+        Self { space: tenant(cell, tenant_id) }
+    }
+
+    /// The full key of the tuple `key` inside the tenant's subspace.
+    pub fn key<K: TuplePack>(&self, key: &K) -> Vec<u8> {
+        self.space.pack(key)
+    }
+}
+
 /// A transaction confined to one tenant's subspace of one cell.
 #[derive(Clone)]
 pub struct TenantScope {

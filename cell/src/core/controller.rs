@@ -115,8 +115,7 @@ impl WorkloadController {
                 (ordinal, Slot { host: Some(host), phase, placing: false, generation })
             })
             .collect();
-        let mut controller =
-            Self { spec, epoch, generation, slots, actions: VecDeque::new() };
+        let mut controller = Self { spec, epoch, generation, slots, actions: VecDeque::new() };
         controller.reconcile();
         controller
     }
@@ -143,7 +142,7 @@ impl WorkloadController {
             && before != after
         {
             let action = if after == PowerState::On { VmAction::Start } else { VmAction::Stop };
-            self.handle_vm_action(action);
+            self.handle_vm_action(action, None);
         }
         self.reconcile();
     }
@@ -157,7 +156,8 @@ impl WorkloadController {
         };
         assert!(slot.host.is_none(), "controller: slot {ordinal} placed twice");
         let generation = self.generation;
-        *slot = Slot { host: Some(host), phase: ReplicaPhase::Assigned, placing: false, generation };
+        *slot =
+            Slot { host: Some(host), phase: ReplicaPhase::Assigned, placing: false, generation };
         self.actions.push_back(Action::Assign { ordinal, host, epoch: self.epoch, generation });
     }
 
@@ -191,16 +191,28 @@ impl WorkloadController {
         self.reconcile();
     }
 
-    /// A VM power action on every slot that has a host.
-    pub fn handle_vm_action(&mut self, action: VmAction) {
+    /// A VM power action on one slot, or on every slot that has a host.
+    pub fn handle_vm_action(&mut self, action: VmAction, only: Option<u32>) {
         if !matches!(self.spec.kind, WorkloadKind::Vm(_)) {
             return;
         }
         for (&ordinal, slot) in &self.slots {
-            if let Some(host) = slot.host {
+            if let Some(host) = slot.host
+                && only.is_none_or(|o| o == ordinal)
+            {
                 self.actions.push_back(Action::Power { ordinal, host, action });
             }
         }
+    }
+
+    /// Asks again for placement of every empty slot (after the scheduler refused some).
+    pub fn handle_retry(&mut self) {
+        self.reconcile();
+    }
+
+    /// Whether some slot waits for a host.
+    pub fn has_empty_slots(&self) -> bool {
+        self.slots.values().any(|s| s.host.is_none())
     }
 
     /// The next action, if any.
@@ -388,7 +400,7 @@ mod tests {
             drain(&mut c),
             [Action::Power { ordinal: 0, host: HostId(3), action: VmAction::Stop }]
         );
-        c.handle_vm_action(VmAction::Reboot);
+        c.handle_vm_action(VmAction::Reboot, None);
         assert_eq!(
             drain(&mut c),
             [Action::Power { ordinal: 0, host: HostId(3), action: VmAction::Reboot }]
@@ -398,7 +410,7 @@ mod tests {
         drain(&mut web);
         web.handle_placed(0, HostId(4));
         drain(&mut web);
-        web.handle_vm_action(VmAction::Reboot);
+        web.handle_vm_action(VmAction::Reboot, Some(0));
         assert!(drain(&mut web).is_empty());
     }
 

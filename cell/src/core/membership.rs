@@ -22,7 +22,8 @@ use cellplane_api::wire::Heartbeat;
 use cellplane_api::{Host, HostId, HostState};
 
 /// Lease timing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct LeaseConfig {
     /// Silence after which a host is suspect.
     pub suspect_after_ms: u64,
@@ -188,7 +189,12 @@ impl Membership {
         self.events.pop_front()
     }
 
-    /// A host's record, its state included.
+    /// Every host's record, its state included.
+    pub fn hosts(&self) -> impl Iterator<Item = &Host> + '_ {
+        self.members.values().map(|m| &m.host)
+    }
+
+    /// One host's record, with its current state.
     pub fn host(&self, id: HostId) -> Option<&Host> {
         self.members.get(&id).map(|m| &m.host)
     }

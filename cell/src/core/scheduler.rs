@@ -163,6 +163,20 @@ impl Scheduler {
         requests.iter().map(|r| self.place(r)).collect()
     }
 
+    /// CPU and memory of schedulable hosts: `([cpu capacity, cpu reserved], [memory capacity,
+    /// memory reserved])`. A scan of every host, for summaries, not for the hot path.
+    pub fn totals(&self) -> ([u64; 2], [u64; 2]) {
+        let mut cpu = [0u64; 2];
+        let mut memory = [0u64; 2];
+        for slot in self.hosts.values().filter(|s| s.schedulable) {
+            cpu[0] += u64::from(slot.capacity.cpu_milli);
+            cpu[1] += u64::from(slot.used.cpu_milli);
+            memory[0] += u64::from(slot.capacity.memory_mib);
+            memory[1] += u64::from(slot.used.memory_mib);
+        }
+        (cpu, memory)
+    }
+
     /// A host's free resources.
     pub fn free(&self, id: HostId) -> Option<Resources> {
         self.hosts.get(&id).map(Slot::free)

@@ -24,6 +24,7 @@ const LOADED_REQUESTERS: usize = 32;
 /// A status report whose detail text is `len` bytes: the rest of the frame is fixed overhead.
 fn payload(len: usize) -> Message {
     Message::Status(Box::new(StatusReport {
+        host: cellplane_api::HostId(1),
         tenant: TenantId::new("acme").expect("name"),
         workload: WorkloadName::new("web").expect("name"),
         ordinal: 1,
