@@ -1,5 +1,5 @@
-//! The `cellplane` command. Today it manages a region's certificates; bring-up (`up`, `down`,
-//! `status`), tenants, workloads and the demo arrive with their issues.
+//! The `cellplane` command: a region's certificates (`pki`) and its processes (`cell`);
+//! bring-up (`up`, `down`, `status`), tenants, workloads and the demo arrive with their issues.
 //!
 //! Exit codes: 0 success, 1 a runtime failure, 2 bad usage or input.
 
@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use cellplane_api::{Name, TenantId};
 use cellplane_transport::{CertificateAuthority, Identity, Role};
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod cell;
 
 /// cellplane: a control plane for hyperscale cloud regions.
 #[derive(Parser)]
@@ -23,6 +25,25 @@ enum Command {
     /// Manage the region's certificate authority and component certificates.
     #[command(subcommand)]
     Pki(Pki),
+    /// Serve one cell: its hosts, its tenants' workloads, its keyspace on the embedded store.
+    ///
+    /// Reads CONFIG (TOML: `cell = "c1"` is required; `listen`, `hosts_max`, `shard_hosts`,
+    /// `tick_ms`, `restarts_max`, `restart_window_ms`, `calls_max` and `[lease]` with
+    /// `suspect_after_ms` and `down_after_ms` have defaults), recovers everything stored in
+    /// DATA under a new epoch, and serves QUIC with the credentials `<cell>.crt`/`<cell>.key`
+    /// and `ca.crt` from PKI. Prints one line `cell NAME serving on ADDR at epoch N` once ready;
+    /// stops cleanly on SIGINT or SIGTERM.
+    Cell {
+        /// The cell's config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// The directory of the cell's store (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        /// The directory holding ca.crt and the cell's credentials.
+        #[arg(long)]
+        pki: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +110,18 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Cell { config, data, pki } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
+            runtime.block_on(cell::serve(config, data, pki))
+        }
         Command::Pki(Pki::Init { dir, region }) => {
             if dir.join("ca.key").exists() {
                 return Err(Failure::Input(format!(

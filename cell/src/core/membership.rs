@@ -23,7 +23,7 @@ use cellplane_api::{Host, HostId, HostState};
 
 /// Lease timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LeaseConfig {
     /// Silence after which a host is suspect.
     pub suspect_after_ms: u64,

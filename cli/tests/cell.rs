@@ -1,0 +1,237 @@
+//! `cellplane cell` as a real process over real QUIC on 127.0.0.1, killed with SIGKILL and
+//! started again on the same data.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cellplane_api::wire::{
+    Apply, ErrorCode, Heartbeat, Message, Register, StatusReport, WorkloadRef, WorkloadStatus,
+};
+use cellplane_api::{
+    Capabilities, CellId, ContainerSpec, Controller, Host, HostId, HostState, Name, Placement,
+    Quota, ReplicaPhase, Resources, SiteId, Tenant, TenantId, WorkloadKind, WorkloadName,
+    WorkloadSpec,
+};
+use cellplane_transport::{Connection, Credentials, Identity, Setup, connect};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn cellplane(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cellplane")).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A cell process and the address it serves on.
+struct CellProcess {
+    child: Child,
+    addr: SocketAddr,
+    epoch: u64,
+}
+
+impl CellProcess {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+            .args(["cell", "--config"])
+            .arg(dir.join("cell.toml"))
+            .arg("--data")
+            .arg(dir.join("data"))
+            .arg("--pki")
+            .arg(dir.join("pki"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "cell c1 serving on ADDR at epoch N"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.get(2), Some(&"serving"), "unexpected first line: {line:?}");
+        Self { child, addr: words[4].parse().unwrap(), epoch: words[7].parse().unwrap() }
+    }
+
+    async fn as_peer(&self, dir: &Path, stem: &str) -> Connection {
+        let pki = dir.join("pki");
+        let ca = cellplane_transport::identity::load_ca_certificate(&pki).unwrap();
+        let setup = Setup::new(Credentials::load(&pki, stem).unwrap(), ca);
+        let cell = Identity::Cell(Name::new("c1").unwrap());
+        connect(self.addr, &cell, &setup).await.unwrap()
+    }
+}
+
+impl Drop for CellProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn setup_region(dir: &Path) {
+    let pki = dir.join("pki");
+    let p = pki.to_str().unwrap();
+    cellplane(&["pki", "init", "--dir", p]);
+    cellplane(&["pki", "issue", "--dir", p, "--kind", "cell", "--id", "c1"]);
+    cellplane(&["pki", "issue", "--dir", p, "--kind", "router", "--id", "r1"]);
+    cellplane(&["pki", "issue", "--dir", p, "--kind", "host", "--id", "fleet"]);
+    cellplane(&["pki", "issue", "--dir", p, "--kind", "client", "--id", "acme"]);
+    cellplane(&["pki", "issue", "--dir", p, "--kind", "client", "--id", "other"]);
+    std::fs::write(
+        dir.join("cell.toml"),
+        "cell = \"c1\"\nlisten = \"127.0.0.1:0\"\nhosts_max = 64\nshard_hosts = 16\n\
+         tick_ms = 50\n[lease]\nsuspect_after_ms = 400\ndown_after_ms = 800\n",
+    )
+    .unwrap();
+}
+
+fn host(id: u64) -> Host {
+    Host {
+        id: HostId(id),
+        cell: CellId::new("c1").unwrap(),
+        site: SiteId::new("s1").unwrap(),
+        zone: Name::new("z1").unwrap(),
+        capacity: Resources { cpu_milli: 4_000, memory_mib: 8_192, disk_gib: 50, gpus: 0 },
+        capabilities: Capabilities { container: true, vm: false },
+        labels: Default::default(),
+        state: HostState::Joining,
+    }
+}
+
+fn web(replicas: u32) -> WorkloadSpec {
+    WorkloadSpec {
+        name: WorkloadName::new("web").unwrap(),
+        kind: WorkloadKind::Container(ContainerSpec {
+            image: "web:1".into(),
+            command: vec![],
+            env: Default::default(),
+        }),
+        controller: Controller::Replicated,
+        replicas,
+        resources: Resources { cpu_milli: 1_000, memory_mib: 256, disk_gib: 1, gpus: 0 },
+        placement: Placement::default(),
+        update: Default::default(),
+    }
+}
+
+fn web_ref() -> Message {
+    Message::Get(Box::new(WorkloadRef {
+        tenant: TenantId::new("acme").unwrap(),
+        workload: WorkloadName::new("web").unwrap(),
+    }))
+}
+
+async fn beat(hosts: &Connection, seq: u64) {
+    for id in 1..=3 {
+        let beat = Heartbeat { host: HostId(id), seq, epoch: 0, state: HostState::Ready };
+        hosts.send(0, &Message::Heartbeat(beat)).await.unwrap();
+    }
+}
+
+/// Heartbeats while waiting for every replica of web to have a host.
+async fn until_placed(client: &Connection, hosts: &Connection, replicas: usize) -> WorkloadStatus {
+    for seq in 1.. {
+        beat(hosts, seq).await;
+        if let Ok(Message::Workload(status)) = client.request(0, &web_ref(), DEADLINE).await
+            && status.replicas.iter().filter(|r| r.host.is_some()).count() == replicas
+        {
+            return *status;
+        }
+        assert!(seq < 600, "web never placed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cell_loses_nothing_it_acknowledged_and_fences_the_old_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_region(dir.path());
+    let cell = CellProcess::start(dir.path());
+    let router = cell.as_peer(dir.path(), "r1").await;
+    let hosts = cell.as_peer(dir.path(), "fleet").await;
+    let client = cell.as_peer(dir.path(), "acme").await;
+
+    let tenant = Tenant {
+        id: TenantId::new("acme").unwrap(),
+        quota: Quota { cpu_milli: 100_000, memory_mib: 100_000, replicas: 50, workloads: 5 },
+        home_cell: None,
+    };
+    let put = router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await;
+    assert!(matches!(put, Ok(Message::Done(_))), "{put:?}");
+    for id in 1..=3 {
+        let register = Message::Register(Box::new(Register { host: host(id) }));
+        assert!(matches!(hosts.request(0, &register, DEADLINE).await, Ok(Message::Done(_))));
+    }
+    let apply = Message::Apply(Box::new(Apply {
+        tenant: TenantId::new("acme").unwrap(),
+        idempotency_key: [7; 16],
+        spec: web(5),
+    }));
+    let acked = client.request(0, &apply, DEADLINE).await;
+    assert!(matches!(acked, Ok(Message::Done(v)) if v > 0), "{acked:?}");
+    let before = until_placed(&client, &hosts, 5).await;
+
+    // Another tenant cannot read it, and the refusal says nothing about it.
+    let other = cell.as_peer(dir.path(), "other").await;
+    let peek = other.request(0, &web_ref(), DEADLINE).await.unwrap_err();
+    assert!(peek.to_string().contains("act only for tenant other"), "{peek}");
+
+    // SIGKILL, then the same data again.
+    let old_epoch = cell.epoch;
+    drop(cell);
+    let cell = CellProcess::start(dir.path());
+    assert_eq!(cell.epoch, old_epoch + 1);
+    let hosts = cell.as_peer(dir.path(), "fleet").await;
+    let client = cell.as_peer(dir.path(), "acme").await;
+    let after = until_placed(&client, &hosts, 5).await;
+    let slots = |s: &WorkloadStatus| -> Vec<_> { s.replicas.iter().map(|r| r.host).collect() };
+    assert_eq!(slots(&after), slots(&before), "every acknowledged assignment survived");
+
+    // A host that subscribes gets its assignments under the new epoch.
+    let holder = after.replicas[0].host.unwrap();
+    let mut stream = hosts.watch(0, &Message::Subscribe(holder)).await.unwrap();
+    let mut assigned = 0;
+    loop {
+        match stream.next().await.unwrap().unwrap() {
+            Message::Assign(a) => {
+                assert_eq!(a.replica.epoch, old_epoch + 1);
+                assigned += 1;
+            }
+            Message::Synced(epoch) => {
+                assert_eq!(epoch, old_epoch + 1);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(assigned, after.replicas.iter().filter(|r| r.host == Some(holder)).count());
+
+    // A report from the old incarnation is fenced off: the slot does not move.
+    let stale = StatusReport {
+        host: holder,
+        tenant: TenantId::new("acme").unwrap(),
+        workload: WorkloadName::new("web").unwrap(),
+        ordinal: 0,
+        epoch: old_epoch,
+        phase: ReplicaPhase::Failed,
+        detail: "from before the failover".into(),
+    };
+    hosts.send(0, &Message::Status(Box::new(stale))).await.unwrap();
+    let apply_again = client.request(0, &apply, DEADLINE).await; // a retried apply: a no-op
+    assert!(matches!(apply_again, Ok(Message::Done(_))));
+    let Message::Workload(now) = client.request(0, &web_ref(), DEADLINE).await.unwrap() else {
+        panic!("get")
+    };
+    assert_eq!(now.replicas[0].host, Some(holder), "a stale report moved a slot");
+    assert_eq!(now.spec.replicas, 5);
+
+    // Bad input over the wire: a typed refusal, and the cell keeps serving.
+    let register = Message::Register(Box::new(Register { host: host(9) }));
+    let refused = client.request(0, &register, DEADLINE).await.unwrap_err();
+    assert!(matches!(
+        refused,
+        cellplane_transport::TransportError::Remote(ref e) if e.code == ErrorCode::Unauthorized
+    ));
+    assert!(client.request(0, &web_ref(), DEADLINE).await.is_ok());
+}
