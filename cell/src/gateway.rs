@@ -14,8 +14,8 @@
 
 use std::sync::Arc;
 
-use cellplane_api::TenantId;
 use cellplane_api::wire::{ErrorCode, ErrorReply, Message};
+use cellplane_api::{TenantId, Validate};
 use cellplane_transport::conn::{Inbound, Reply};
 use cellplane_transport::identity::{Identity, Role};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -45,8 +45,10 @@ impl Gateway {
         Self { shared, admission }
     }
 
-    /// Answers one request from `peer`.
+    /// Answers one request from `peer`. Messages that came over the wire were validated when
+    /// decoded; in-process callers get the same rules here.
     pub async fn call(&self, peer: &Identity, message: Message) -> Result<Message, ErrorReply> {
+        valid(&message)?;
         let _permit = self
             .admission
             .try_acquire()
@@ -111,6 +113,7 @@ impl Gateway {
     /// Takes one one-way message from `peer` (heartbeats and status reports).
     pub fn send(&self, peer: &Identity, message: Message) -> Result<(), ErrorReply> {
         host_only(peer)?;
+        valid(&message)?;
         let sent = match message {
             Message::Heartbeat(beat) => {
                 self.shared.tell_shard(beat.host, shard::Msg::Heartbeat(beat))
@@ -191,6 +194,10 @@ impl Gateway {
             }
         }
     }
+}
+
+fn valid(message: &Message) -> Result<(), ErrorReply> {
+    message.validate().map_err(|e| refuse(ErrorCode::Invalid, e.to_string()))
 }
 
 fn kind(message: &Message) -> String {

@@ -58,7 +58,7 @@ pub struct CellState {
 
 /// A stored record that does not decode: storage was written by something else.
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> StorageError {
-    StorageError::BadTuple(format!("corrupt {what} record: {detail}"))
+    StorageError::Corrupt(format!("{what}: {detail}"))
 }
 
 /// The key of a tenant's record.

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p cellplane-perf --bin bench-storage
 //! cargo run --release -p cellplane-perf --bin bench-wire
+//! cargo run --release -p cellplane-perf --bin bench-cell
 //! ```
 #![deny(missing_docs)]
 

@@ -62,6 +62,10 @@ pub enum StorageError {
     /// A stored key that does not decode as the expected tuple.
     #[error("key does not decode as a tuple: {0}")]
     BadTuple(String),
+    /// A stored value that does not decode as the record its key names: written by something
+    /// else, or damaged.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
     /// The transaction was already committed or cancelled.
     #[error("transaction already finished")]
     Finished,

@@ -33,8 +33,10 @@ pub struct LeaseConfig {
 
 impl Default for LeaseConfig {
     fn default() -> Self {
-        // With 1 s heartbeats: two missed make a host suspect, three make it down.
-        Self { suspect_after_ms: 2_000, down_after_ms: 3_000 }
+        // With 1 s heartbeats: one and a half intervals of silence make a host suspect, two
+        // and a half (two missed beats, with half an interval for jitter) make it down. With a
+        // 250 ms tick, a dead host is down within 2.75 s of its last heartbeat.
+        Self { suspect_after_ms: 1_500, down_after_ms: 2_500 }
     }
 }
 
@@ -244,6 +246,8 @@ fn state_index(state: HostState) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LEASE: LeaseConfig = LeaseConfig { suspect_after_ms: 2_000, down_after_ms: 3_000 };
     use cellplane_api::{Capabilities, CellId, Name, Resources, SiteId};
 
     fn host(id: u64) -> Host {
@@ -271,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_host_joins_goes_ready_then_suspect_then_down_then_comes_back() {
-        let mut m = Membership::new(LeaseConfig::default(), 10);
+        let mut m = Membership::new(LEASE, 10);
         m.handle_register(0, host(1)).unwrap();
         assert_eq!(m.host(HostId(1)).unwrap().state, HostState::Joining);
         m.handle_heartbeat(100, &beat(1, 1)).unwrap();
@@ -292,7 +296,7 @@ mod tests {
 
     #[test]
     fn duplicate_and_reordered_heartbeats_do_not_renew_the_lease() {
-        let mut m = Membership::new(LeaseConfig::default(), 10);
+        let mut m = Membership::new(LEASE, 10);
         m.handle_register(0, host(1)).unwrap();
         m.handle_heartbeat(0, &beat(1, 5)).unwrap();
         m.handle_heartbeat(1_500, &beat(1, 5)).unwrap(); // duplicate
@@ -303,7 +307,7 @@ mod tests {
 
     #[test]
     fn draining_survives_heartbeats_but_not_silence() {
-        let mut m = Membership::new(LeaseConfig::default(), 10);
+        let mut m = Membership::new(LEASE, 10);
         m.handle_register(0, host(1)).unwrap();
         m.handle_heartbeat(0, &beat(1, 1)).unwrap();
         m.handle_drain(HostId(1), true).unwrap();
@@ -318,7 +322,7 @@ mod tests {
 
     #[test]
     fn unknown_hosts_and_a_full_cell_are_typed_errors_that_change_nothing() {
-        let mut m = Membership::new(LeaseConfig::default(), 1);
+        let mut m = Membership::new(LEASE, 1);
         assert_eq!(
             m.handle_heartbeat(0, &beat(9, 1)),
             Err(MembershipError::UnknownHost(HostId(9)))
@@ -341,7 +345,7 @@ mod tests {
                 rng ^= rng << 17;
                 rng
             };
-            let mut m = Membership::new(LeaseConfig::default(), 1_000);
+            let mut m = Membership::new(LEASE, 1_000);
             for id in 0..1_000 {
                 m.handle_register(0, host(id)).unwrap();
             }
