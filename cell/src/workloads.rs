@@ -247,7 +247,7 @@ impl Actor for Workloads {
                 outcome.replies.push((reply, answer));
             }
             Msg::VmAction(request, reply) => {
-                let answer = state.vm_action(*request, &mut outcome);
+                let answer = state.vm_action(*request);
                 outcome.replies.push((reply, answer));
             }
             Msg::Watch(tenant, sender) => match state.tenants.get_mut(&tenant) {
@@ -551,11 +551,7 @@ impl State {
         Ok(Message::Workloads(Box::new(WorkloadList { items, more })))
     }
 
-    fn vm_action(
-        &mut self,
-        request: VmActionRequest,
-        outcome: &mut Outcome,
-    ) -> Result<Message, ErrorReply> {
+    fn vm_action(&mut self, request: VmActionRequest) -> Result<Message, ErrorReply> {
         let id = self.find(&request.tenant, &request.workload)?;
         let entry = self.entry_mut(id).expect("found");
         if !matches!(entry.controller.spec().kind, WorkloadKind::Vm(_)) {
@@ -569,7 +565,6 @@ impl State {
         }
         entry.controller.handle_vm_action(request.action, Some(request.ordinal));
         self.dirty.insert(id);
-        let _ = outcome;
         Ok(Message::Done(0))
     }
 

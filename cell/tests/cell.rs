@@ -415,3 +415,72 @@ async fn a_crashed_child_is_restarted_from_storage_and_the_others_keep_serving()
     assert_eq!(placed(&after), before);
     cell.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_power_and_a_new_image_reach_the_hosts_as_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let cell = Harness::start(dir.path()).await;
+    cell.call(tenant("acme", 100)).await.unwrap();
+    cell.register(1, 8_000).await;
+    let mut stream = cell.subscribe(1);
+    let mut vm = spec("vm", 1, Controller::Stateful);
+    vm.kind = WorkloadKind::Vm(cellplane_api::VmSpec {
+        image: "debian-12".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 1,
+        cloud_init: None,
+        power: cellplane_api::PowerState::On,
+    });
+    cell.call(apply("acme", 1, vm)).await.unwrap();
+    cell.until("vm", &[1], |s| placed(s).len() == 1).await;
+    let reboot = cellplane_api::wire::VmActionRequest {
+        tenant: TenantId::new("acme").unwrap(),
+        workload: WorkloadName::new("vm").unwrap(),
+        ordinal: 0,
+        action: cellplane_api::VmAction::Reboot,
+    };
+    assert!(matches!(cell.call(Message::VmAction(Box::new(reboot))).await, Ok(Message::Done(_))));
+
+    // A container workload rolls to a new image: the running replica is stopped and placed
+    // again with the new spec.
+    cell.call(apply("acme", 2, spec("web", 1, Controller::Replicated))).await.unwrap();
+    let epoch = cell.cell.epoch();
+    cell.until("web", &[1], |s| {
+        report_running(&cell, s, epoch);
+        s.replicas.iter().all(|r| r.phase == ReplicaPhase::Running)
+    })
+    .await;
+    let mut v2 = spec("web", 1, Controller::Replicated);
+    if let WorkloadKind::Container(c) = &mut v2.kind {
+        c.image = "web:2".into();
+    }
+    cell.call(apply("acme", 3, v2)).await.unwrap();
+    cell.until("web", &[1], |s| placed(s).len() == 1).await;
+
+    let mut seen = Vec::new();
+    while let Ok(message) = stream.try_recv() {
+        seen.push(match message {
+            Message::Assign(a) => match &a.spec.kind {
+                WorkloadKind::Container(c) => format!("assign {} {}", a.replica.workload, c.image),
+                WorkloadKind::Vm(_) => format!("assign {}", a.replica.workload),
+            },
+            Message::Unassign(u) => format!("unassign {}", u.workload),
+            Message::Power(p) => format!("power {} {:?}", p.workload, p.action),
+            Message::Synced(_) => "synced".into(),
+            other => format!("{other:?}"),
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            "synced",
+            "assign vm",
+            "power vm Reboot",
+            "assign web web:1",
+            "unassign web",
+            "assign web web:2"
+        ]
+    );
+    cell.stop().await;
+}
