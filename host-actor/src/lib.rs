@@ -3,8 +3,12 @@
 //! keeps every workload running and reconciles on return.
 //!
 //! The same pure host core serves one real host per process and simulated fleets of tens of
-//! thousands of hosts in one process. This crate owns the driver vocabulary today.
+//! thousands of hosts in one process: [`core::host::HostCore`] is that logic, pure; the
+//! [`driver`]s run what it decides.
 #![deny(missing_docs)]
+
+pub mod core;
+pub mod driver;
 
 use serde::{Deserialize, Serialize};
 
