@@ -11,6 +11,7 @@ use cellplane_transport::{CertificateAuthority, Identity, Role};
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cell;
+mod host;
 
 /// cellplane: a control plane for hyperscale cloud regions.
 #[derive(Parser)]
@@ -43,6 +44,45 @@ enum Command {
         /// The directory holding ca.crt and the cell's credentials.
         #[arg(long)]
         pki: PathBuf,
+    },
+    /// Run the agent of one host: register with a cell, heartbeat, run assigned container
+    /// workloads as local processes (logs in --logs), report their status.
+    ///
+    /// Stops cleanly on SIGINT or SIGTERM; the replicas it started stop with it.
+    Host {
+        /// The cell's QUIC address.
+        #[arg(long)]
+        cell: std::net::SocketAddr,
+        /// The cell's name (its certificate must say so).
+        #[arg(long)]
+        cell_name: String,
+        /// The directory holding ca.crt and this host's credentials.
+        #[arg(long)]
+        pki: PathBuf,
+        /// The stem of this host's credentials in --pki (`cellplane pki issue --kind host`).
+        #[arg(long)]
+        credentials: String,
+        /// This host's numeric id within the cell.
+        #[arg(long)]
+        id: u64,
+        /// The site it stands in.
+        #[arg(long, default_value = "local")]
+        site: String,
+        /// Its failure domain.
+        #[arg(long, default_value = "zone-a")]
+        zone: String,
+        /// CPU it offers, in thousandths of a core.
+        #[arg(long, default_value_t = 2_000)]
+        cpu_milli: u32,
+        /// Memory it offers, in MiB.
+        #[arg(long, default_value_t = 2_048)]
+        memory_mib: u32,
+        /// Disk it offers, in GiB.
+        #[arg(long, default_value_t = 10)]
+        disk_gib: u32,
+        /// Where each replica's output is written.
+        #[arg(long, default_value = "cellplane-logs")]
+        logs: PathBuf,
     },
 }
 
@@ -108,20 +148,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr (`RUST_LOG` filters; warnings by default) and a multi-threaded runtime.
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Cell { config, data, pki } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "warn".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
-            runtime.block_on(cell::serve(config, data, pki))
-        }
+        Command::Cell { config, data, pki } => runtime()?.block_on(cell::serve(config, data, pki)),
+        Command::Host {
+            cell,
+            cell_name,
+            pki,
+            credentials,
+            id,
+            site,
+            zone,
+            cpu_milli,
+            memory_mib,
+            disk_gib,
+            logs,
+        } => runtime()?.block_on(host::serve(host::HostArgs {
+            cell,
+            cell_name,
+            pki,
+            credentials,
+            id,
+            site,
+            zone,
+            cpu_milli,
+            memory_mib,
+            disk_gib,
+            logs,
+        })),
         Command::Pki(Pki::Init { dir, region }) => {
             if dir.join("ca.key").exists() {
                 return Err(Failure::Input(format!(

@@ -235,3 +235,61 @@ async fn a_killed_cell_loses_nothing_it_acknowledged_and_fences_the_old_epoch() 
     ));
     assert!(client.request(0, &web_ref(), DEADLINE).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_runs_a_process_workload_and_reports_its_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    setup_region(dir.path());
+    let cell = CellProcess::start(dir.path());
+    let router = cell.as_peer(dir.path(), "r1").await;
+    let client = cell.as_peer(dir.path(), "acme").await;
+    let tenant = Tenant {
+        id: TenantId::new("acme").unwrap(),
+        quota: Quota { cpu_milli: 10_000, memory_mib: 10_000, replicas: 5, workloads: 5 },
+        home_cell: None,
+    };
+    router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await.unwrap();
+    let logs = dir.path().join("logs");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["host", "--cell", &cell.addr.to_string(), "--cell-name", "c1", "--pki"])
+        .arg(dir.path().join("pki"))
+        .args(["--credentials", "fleet", "--id", "5", "--logs"])
+        .arg(&logs)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut spec = web(1);
+    spec.kind = WorkloadKind::Container(ContainerSpec {
+        image: "none".into(),
+        command: vec!["sh".into(), "-c".into(), "echo started $ROLE; sleep 1; exit 7".into()],
+        env: [("ROLE".to_string(), "web".to_string())].into(),
+    });
+    let apply = Message::Apply(Box::new(Apply {
+        tenant: TenantId::new("acme").unwrap(),
+        idempotency_key: [1; 16],
+        spec,
+    }));
+    assert!(matches!(client.request(0, &apply, DEADLINE).await, Ok(Message::Done(_))));
+    // The agent registers, is assigned the replica, runs it and reports running; when the
+    // process exits the report changes (the driver restarts it with backoff).
+    let mut phases = Vec::new();
+    for _ in 0..3_000 {
+        if let Ok(Message::Workload(status)) = client.request(0, &web_ref(), DEADLINE).await {
+            let replica = &status.replicas[0];
+            if replica.host == Some(HostId(5)) && phases.last() != Some(&replica.phase) {
+                phases.push(replica.phase);
+            }
+        }
+        let ran = phases.contains(&ReplicaPhase::Running);
+        if ran && phases.last() != Some(&ReplicaPhase::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let running = phases.iter().position(|p| *p == ReplicaPhase::Running).expect("never ran");
+    assert!(phases.len() > running + 1, "the exit was never reported: {phases:?}");
+    let log = std::fs::read_to_string(logs.join("acme.web.0.log")).unwrap();
+    assert!(log.starts_with("started web\n"), "{log:?}");
+}

@@ -7,6 +7,7 @@
 //! [`driver`]s run what it decides.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod core;
 pub mod driver;
 

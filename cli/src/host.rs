@@ -1,0 +1,75 @@
+//! `cellplane host`: the agent of one real host, running its replicas as processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cellplane_api::{Capabilities, CellId, Host, HostId, HostState, Name, Resources, SiteId};
+use cellplane_host_actor::agent::{self, CellAddress};
+use cellplane_host_actor::core::host::{HostConfig, HostCore};
+use cellplane_host_actor::driver::{ProcessDriver, RestartPolicy};
+use cellplane_transport::identity::load_ca_certificate;
+use cellplane_transport::{Credentials, Setup};
+
+use crate::Failure;
+
+/// What `cellplane host` was told.
+pub struct HostArgs {
+    pub cell: SocketAddr,
+    pub cell_name: String,
+    pub pki: PathBuf,
+    pub credentials: String,
+    pub id: u64,
+    pub site: String,
+    pub zone: String,
+    pub cpu_milli: u32,
+    pub memory_mib: u32,
+    pub disk_gib: u32,
+    pub logs: PathBuf,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn serve(args: HostArgs) -> Result<(), Failure> {
+    let input = |flag: &str, e: &dyn std::fmt::Display| Failure::Input(format!("{flag}: {e}"));
+    let cell_name = Name::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?;
+    let host = Host {
+        id: HostId(args.id),
+        cell: CellId::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?,
+        site: SiteId::new(&args.site).map_err(|e| input("--site", &e))?,
+        zone: Name::new(&args.zone).map_err(|e| input("--zone", &e))?,
+        capacity: Resources {
+            cpu_milli: args.cpu_milli,
+            memory_mib: args.memory_mib,
+            disk_gib: args.disk_gib,
+            gpus: 0,
+        },
+        // The process driver runs container workloads as processes; no VM driver yet.
+        capabilities: Capabilities { container: true, vm: false },
+        labels: Default::default(),
+        state: HostState::Joining,
+    };
+    cellplane_api::Validate::validate(&host).map_err(|e| Failure::Input(e.to_string()))?;
+    let credentials = Credentials::load(&args.pki, &args.credentials).map_err(|e| {
+        Failure::Input(format!("--credentials {} in {}: {e}", args.credentials, args.pki.display()))
+    })?;
+    let ca = load_ca_certificate(&args.pki).map_err(|e| Failure::Input(e.to_string()))?;
+    let (events, arrivals) = tokio::sync::mpsc::channel(4_096);
+    let driver = Arc::new(ProcessDriver::new(events, args.logs, RestartPolicy::default()));
+    let core = HostCore::new(host, HostConfig::default());
+    let cell = CellAddress { addr: args.cell, name: cell_name, setup: Setup::new(credentials, ca) };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(agent::run(cell, core, driver, arrivals, shutdown));
+    println!("host {} serving cell {} at {}", args.id, args.cell_name, args.cell);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    let _ = stop.send(true);
+    match agent.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Failure::Runtime(e.to_string())),
+        Err(e) => Err(Failure::Runtime(e.to_string())),
+    }
+}
