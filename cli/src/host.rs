@@ -13,18 +13,41 @@ use cellplane_transport::{Credentials, Setup};
 
 use crate::Failure;
 
-/// What `cellplane host` was told.
+/// What `cellplane host` is told.
+#[derive(clap::Args)]
 pub struct HostArgs {
+    /// The cell's QUIC address.
+    #[arg(long)]
     pub cell: SocketAddr,
+    /// The cell's name (its certificate must say so).
+    #[arg(long)]
     pub cell_name: String,
+    /// The directory holding ca.crt and this host's credentials.
+    #[arg(long)]
     pub pki: PathBuf,
+    /// The stem of this host's credentials in --pki (`cellplane pki issue --kind host`).
+    #[arg(long)]
     pub credentials: String,
+    /// This host's numeric id within the cell.
+    #[arg(long)]
     pub id: u64,
+    /// The site it stands in.
+    #[arg(long, default_value = "local")]
     pub site: String,
+    /// Its failure domain.
+    #[arg(long, default_value = "zone-a")]
     pub zone: String,
+    /// CPU it offers, in thousandths of a core.
+    #[arg(long, default_value_t = 2_000)]
     pub cpu_milli: u32,
+    /// Memory it offers, in MiB.
+    #[arg(long, default_value_t = 2_048)]
     pub memory_mib: u32,
+    /// Disk it offers, in GiB.
+    #[arg(long, default_value_t = 10)]
     pub disk_gib: u32,
+    /// Where each replica's output is written.
+    #[arg(long, default_value = "cellplane-logs")]
     pub logs: PathBuf,
 }
 

@@ -49,41 +49,7 @@ enum Command {
     /// workloads as local processes (logs in --logs), report their status.
     ///
     /// Stops cleanly on SIGINT or SIGTERM; the replicas it started stop with it.
-    Host {
-        /// The cell's QUIC address.
-        #[arg(long)]
-        cell: std::net::SocketAddr,
-        /// The cell's name (its certificate must say so).
-        #[arg(long)]
-        cell_name: String,
-        /// The directory holding ca.crt and this host's credentials.
-        #[arg(long)]
-        pki: PathBuf,
-        /// The stem of this host's credentials in --pki (`cellplane pki issue --kind host`).
-        #[arg(long)]
-        credentials: String,
-        /// This host's numeric id within the cell.
-        #[arg(long)]
-        id: u64,
-        /// The site it stands in.
-        #[arg(long, default_value = "local")]
-        site: String,
-        /// Its failure domain.
-        #[arg(long, default_value = "zone-a")]
-        zone: String,
-        /// CPU it offers, in thousandths of a core.
-        #[arg(long, default_value_t = 2_000)]
-        cpu_milli: u32,
-        /// Memory it offers, in MiB.
-        #[arg(long, default_value_t = 2_048)]
-        memory_mib: u32,
-        /// Disk it offers, in GiB.
-        #[arg(long, default_value_t = 10)]
-        disk_gib: u32,
-        /// Where each replica's output is written.
-        #[arg(long, default_value = "cellplane-logs")]
-        logs: PathBuf,
-    },
+    Host(host::HostArgs),
 }
 
 #[derive(Subcommand)]
@@ -163,31 +129,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cell { config, data, pki } => runtime()?.block_on(cell::serve(config, data, pki)),
-        Command::Host {
-            cell,
-            cell_name,
-            pki,
-            credentials,
-            id,
-            site,
-            zone,
-            cpu_milli,
-            memory_mib,
-            disk_gib,
-            logs,
-        } => runtime()?.block_on(host::serve(host::HostArgs {
-            cell,
-            cell_name,
-            pki,
-            credentials,
-            id,
-            site,
-            zone,
-            cpu_milli,
-            memory_mib,
-            disk_gib,
-            logs,
-        })),
+        Command::Host(args) => runtime()?.block_on(host::serve(args)),
         Command::Pki(Pki::Init { dir, region }) => {
             if dir.join("ca.key").exists() {
                 return Err(Failure::Input(format!(
