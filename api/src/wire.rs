@@ -36,6 +36,8 @@ pub const WIRE_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8;
 /// The largest frame, header included: 4 MiB.
 pub const FRAME_LEN_MAX: usize = 4 << 20;
+/// Most hosts one `Subscribe` or `Heartbeats` message names.
+pub const HOSTS_PER_MESSAGE_MAX: usize = 4_096;
 /// Longest free-text detail carried in a message.
 pub const DETAIL_LEN_MAX: usize = 4_096;
 
@@ -150,9 +152,13 @@ wire! {
         SummaryRequest,
         /// A cell's capacity and health.
         Summary(Box<CellSummary>),
-        /// A host opens its assignment stream: every current assignment, then `Synced`, then
-        /// changes as they happen.
-        Subscribe(HostId),
+        /// Hosts open one assignment stream (a simulated fleet multiplexes many hosts over
+        /// one): every current assignment of each, then `Synced`, then changes as they happen.
+        /// At most [`HOSTS_PER_MESSAGE_MAX`] hosts.
+        Subscribe(Vec<HostId>),
+        /// Many hosts' heartbeats in one message (a fleet's). At most
+        /// [`HOSTS_PER_MESSAGE_MAX`].
+        Heartbeats(Vec<Heartbeat>),
         /// The host holds every assignment the cell has for it (sent after the initial set).
         Synced(u64),
         /// Stop a replica and forget its slot.
@@ -229,6 +235,8 @@ wire! {
 
     /// Stop a replica slot on a host.
     pub struct Unassign {
+        /// The host.
+        pub host: HostId,
         /// The tenant.
         pub tenant: TenantId,
         /// The workload.
@@ -241,6 +249,8 @@ wire! {
 
     /// A VM power action, addressed to a host.
     pub struct PowerCommand {
+        /// The host.
+        pub host: HostId,
         /// The tenant.
         pub tenant: TenantId,
         /// The workload.
@@ -397,10 +407,13 @@ impl Validate for Message {
                 p.tenant.0.check("power.tenant")?;
                 p.workload.0.check("power.workload")
             }
-            Message::Done(_)
-            | Message::SummaryRequest
-            | Message::Subscribe(_)
-            | Message::Synced(_) => Ok(()),
+            Message::Subscribe(hosts) => {
+                check_len("subscribe.hosts", hosts.len(), HOSTS_PER_MESSAGE_MAX)
+            }
+            Message::Heartbeats(beats) => {
+                check_len("heartbeats", beats.len(), HOSTS_PER_MESSAGE_MAX)
+            }
+            Message::Done(_) | Message::SummaryRequest | Message::Synced(_) => Ok(()),
         }
     }
 }

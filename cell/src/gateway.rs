@@ -30,6 +30,9 @@ pub struct Gateway {
     admission: Arc<Semaphore>,
 }
 
+/// Room per subscribed host for its opening set of assignments.
+const SLOTS_PER_HOST_HINT: usize = 256;
+
 fn refuse(code: ErrorCode, detail: impl Into<String>) -> ErrorReply {
     ErrorReply { code, detail: detail.into() }
 }
@@ -60,7 +63,7 @@ impl Gateway {
                 let id = register.host.id;
                 self.shared.tell_shard(id, shard::Msg::Register(Box::new(register.host), reply))
             }
-            Message::Heartbeat(_) | Message::Status(_) => {
+            Message::Heartbeat(_) | Message::Heartbeats(_) | Message::Status(_) => {
                 self.send(peer, message)?;
                 return Ok(Message::Done(0));
             }
@@ -116,7 +119,18 @@ impl Gateway {
         valid(&message)?;
         let sent = match message {
             Message::Heartbeat(beat) => {
-                self.shared.tell_shard(beat.host, shard::Msg::Heartbeat(beat))
+                self.shared.tell_shard(beat.host, shard::Msg::Heartbeats(vec![beat]))
+            }
+            Message::Heartbeats(beats) => {
+                // One message per shard, not per host.
+                let mut by_shard: std::collections::HashMap<usize, Vec<_>> = Default::default();
+                for beat in beats {
+                    by_shard.entry(self.shared.shard_of(beat.host)).or_default().push(beat);
+                }
+                by_shard.into_values().fold(true, |sent, beats| {
+                    let host = beats[0].host;
+                    self.shared.tell_shard(host, shard::Msg::Heartbeats(beats)) && sent
+                })
             }
             Message::Status(report) => self.shared.tell_workloads(workloads::Msg::Status(report)),
             other => {
@@ -136,11 +150,18 @@ impl Gateway {
         peer: &Identity,
         message: Message,
     ) -> Result<mpsc::Receiver<Message>, ErrorReply> {
-        let (sender, receiver) = mpsc::channel(self.shared.config.limits.stream_len_max);
+        valid(&message)?;
+        let mut room = self.shared.config.limits.stream_len_max;
+        if let Message::Subscribe(hosts) = &message {
+            // The opening set of every host must fit too. A bounded channel takes memory only
+            // as it fills, so the room costs nothing until used.
+            room += hosts.len() * SLOTS_PER_HOST_HINT;
+        }
+        let (sender, receiver) = mpsc::channel(room);
         let sent = match message {
-            Message::Subscribe(host) => {
+            Message::Subscribe(hosts) => {
                 host_only(peer)?;
-                self.shared.tell_workloads(workloads::Msg::Subscribe(host, sender))
+                self.shared.tell_workloads(workloads::Msg::Subscribe(hosts, sender))
             }
             Message::Watch(tenant) => {
                 for_tenant(peer, &tenant)?;

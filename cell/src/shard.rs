@@ -25,8 +25,8 @@ use crate::workloads::{self, Reply};
 pub enum Msg {
     /// A host registers.
     Register(Box<Host>, Reply),
-    /// A host's proof of life.
-    Heartbeat(Heartbeat),
+    /// Hosts' proofs of life.
+    Heartbeats(Vec<Heartbeat>),
     /// A registration is durable.
     Registered(HostId, u64, Reply),
     /// A commit failed: the shard fails and is rebuilt from storage.
@@ -106,10 +106,12 @@ impl Actor for Shard {
             Msg::CommitFailed(error) => {
                 return Err(format!("commit failed, rebuilding from storage: {error}").into());
             }
-            Msg::Heartbeat(beat) => {
+            Msg::Heartbeats(beats) => {
                 // A heartbeat from a host this cell does not know changes nothing: the host
                 // registers again when its registration is refused or lost.
-                let _ = state.membership.handle_heartbeat(now, &beat);
+                for beat in &beats {
+                    let _ = state.membership.handle_heartbeat(now, beat);
+                }
             }
             Msg::Tick => state.membership.handle_tick(now),
             Msg::Republish => state.republish(),

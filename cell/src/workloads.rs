@@ -88,8 +88,8 @@ pub enum Msg {
     HostState(HostId, HostState),
     /// A host reports a replica's phase.
     Status(Box<StatusReport>),
-    /// A host opens its assignment stream.
-    Subscribe(HostId, mpsc::Sender<Message>),
+    /// Hosts open one assignment stream.
+    Subscribe(Vec<HostId>, mpsc::Sender<Message>),
     /// Try refused placements again.
     Retry,
     /// A commit is durable: deliver and answer.
@@ -264,7 +264,7 @@ impl Actor for Workloads {
             Msg::Host(host) => state.host(*host),
             Msg::HostState(id, to) => state.host_state(id, to, &mut outcome),
             Msg::Status(report) => state.report(*report, &mut outcome),
-            Msg::Subscribe(host, sender) => state.subscribe(host, sender, &mut outcome),
+            Msg::Subscribe(hosts, sender) => state.subscribe(hosts, sender, &mut outcome),
             Msg::Retry => {
                 for id in std::mem::take(&mut state.unplaced) {
                     if let Some(entry) = state.entry_mut(id) {
@@ -662,6 +662,7 @@ impl State {
             outcome.deliveries.push((
                 host,
                 Message::Unassign(Box::new(Unassign {
+                    host,
                     tenant: entry.key.0.clone(),
                     workload: spec.name.clone(),
                     ordinal,
@@ -691,14 +692,23 @@ impl State {
         }
     }
 
-    fn subscribe(&mut self, host: HostId, sender: mpsc::Sender<Message>, outcome: &mut Outcome) {
-        for &(id, ordinal) in self.on_host.get(&host).into_iter().flatten() {
-            if let Some(entry) = self.entry(id) {
-                outcome.deliveries.push((host, self.assignment(entry, ordinal, host)));
+    fn subscribe(
+        &mut self,
+        hosts: Vec<HostId>,
+        sender: mpsc::Sender<Message>,
+        outcome: &mut Outcome,
+    ) {
+        let Some(&first) = hosts.first() else { return };
+        for &host in &hosts {
+            for &(id, ordinal) in self.on_host.get(&host).into_iter().flatten() {
+                if let Some(entry) = self.entry(id) {
+                    outcome.deliveries.push((host, self.assignment(entry, ordinal, host)));
+                }
             }
+            self.streams.insert(host, sender.clone());
         }
-        outcome.deliveries.push((host, Message::Synced(self.epoch)));
-        self.streams.insert(host, sender);
+        // One `Synced` for the whole stream, after every host's set.
+        outcome.deliveries.push((first, Message::Synced(self.epoch)));
     }
 
     fn assignment(&self, entry: &Entry, ordinal: u32, host: HostId) -> Message {
@@ -784,6 +794,7 @@ impl State {
                 out.deliveries.push((
                     host,
                     Message::Unassign(Box::new(Unassign {
+                        host,
                         tenant: entry.key.0.clone(),
                         workload: name.clone(),
                         ordinal,
@@ -800,6 +811,7 @@ impl State {
                 out.deliveries.push((
                     host,
                     Message::Power(Box::new(PowerCommand {
+                        host,
                         tenant: entry.key.0.clone(),
                         workload: name.clone(),
                         ordinal,
@@ -856,8 +868,10 @@ impl State {
             if let Some(stream) = self.streams.get(&host)
                 && stream.try_send(message).is_err()
             {
-                // Gone or too slow: end it; the host subscribes again and gets a full set.
-                self.streams.remove(&host);
+                // Gone or too slow: end the stream for every host on it (it may carry a whole
+                // fleet shard); they subscribe again and get a full set.
+                let dead = stream.clone();
+                self.streams.retain(|_, s| !s.same_channel(&dead));
             }
         }
         for (reply, answer) in replies {

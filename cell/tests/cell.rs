@@ -86,7 +86,7 @@ impl Harness {
     }
 
     fn subscribe(&self, id: u64) -> mpsc::Receiver<Message> {
-        self.gateway.open(&host_peer(), Message::Subscribe(HostId(id))).unwrap()
+        self.gateway.open(&host_peer(), Message::Subscribe(vec![HostId(id)])).unwrap()
     }
 
     async fn get(&self, tenant: &str, name: &str) -> Option<WorkloadStatus> {
@@ -332,7 +332,13 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cell = Harness::start(dir.path()).await;
     cell.call(tenant("acme", 4)).await.unwrap();
-    cell.call(tenant("broke", 0)).await.unwrap();
+    // A tenant without quota is refused outright; one with almost none is kept to its quota.
+    let refused = cell.call(tenant("broke", 0)).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Invalid);
+    assert!(refused.detail.contains("tenant.quota.replicas"), "{}", refused.detail);
+    let tiny = Quota { cpu_milli: 1, memory_mib: 1, replicas: 1, workloads: 1 };
+    let tiny = Tenant { id: TenantId::new("tiny").unwrap(), quota: tiny, home_cell: None };
+    cell.call(Message::PutTenant(Box::new(tiny))).await.unwrap();
     cell.call(apply("acme", 1, spec("web", 2, Controller::Replicated))).await.unwrap();
     let list = || {
         let request =
@@ -345,9 +351,11 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     // An unknown tenant.
     let unknown = cell.call(apply("ghost", 2, spec("web", 1, Controller::Replicated))).await;
     assert_eq!(code(unknown), ErrorCode::NotFound);
-    // A tenant without quota.
+    // A tenant that was refused does not exist; one with almost no quota cannot use more.
     let broke = cell.call(apply("broke", 3, spec("web", 1, Controller::Replicated))).await;
-    assert_eq!(code(broke), ErrorCode::QuotaExceeded);
+    assert_eq!(code(broke), ErrorCode::NotFound);
+    let tiny = cell.call(apply("tiny", 3, spec("web", 1, Controller::Replicated))).await;
+    assert_eq!(code(tiny), ErrorCode::QuotaExceeded);
     // Over quota (4 replicas).
     let big = cell.call(apply("acme", 4, spec("api", 3, Controller::Replicated))).await;
     assert_eq!(code(big), ErrorCode::QuotaExceeded);
@@ -364,7 +372,7 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
     let reused = cell.call(apply("acme", 1, spec("other", 1, Controller::Replicated))).await;
     assert_eq!(code(reused), ErrorCode::Invalid);
     // Another tenant's credentials.
-    let foreign = cell.as_tenant("broke", apply("acme", 6, spec("web", 1, Controller::Replicated)));
+    let foreign = cell.as_tenant("tiny", apply("acme", 6, spec("web", 1, Controller::Replicated)));
     assert_eq!(code(foreign.await), ErrorCode::Unauthorized);
     // A host cannot act for tenants, a tenant cannot register hosts.
     let register = Message::Register(Box::new(Register { host: host(9, 1_000) }));

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod cell;
 mod host;
+mod hosts;
 
 /// cellplane: a control plane for hyperscale cloud regions.
 #[derive(Parser)]
@@ -50,6 +51,12 @@ enum Command {
     ///
     /// Stops cleanly on SIGINT or SIGTERM; the replicas it started stop with it.
     Host(host::HostArgs),
+    /// Run a simulated fleet: N hosts in one process, in shards of hosts as data, over one
+    /// QUIC connection to their cell; replicas run on the `sim` driver.
+    ///
+    /// Prints progress while the hosts join and one line `fleet of N hosts joined cell C in
+    /// T s` once every shard is registered and subscribed; stops on SIGINT or SIGTERM.
+    Hosts(hosts::FleetArgs),
 }
 
 #[derive(Subcommand)]
@@ -130,6 +137,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Cell { config, data, pki } => runtime()?.block_on(cell::serve(config, data, pki)),
         Command::Host(args) => runtime()?.block_on(host::serve(args)),
+        Command::Hosts(args) => runtime()?.block_on(hosts::serve(args)),
         Command::Pki(Pki::Init { dir, region }) => {
             if dir.join("ca.key").exists() {
                 return Err(Failure::Input(format!(

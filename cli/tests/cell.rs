@@ -69,6 +69,10 @@ impl Drop for CellProcess {
 }
 
 fn setup_region(dir: &Path) {
+    setup_region_with(dir, "hosts_max = 64\nshard_hosts = 16", 400, 800);
+}
+
+fn setup_region_with(dir: &Path, hosts: &str, suspect_after_ms: u64, down_after_ms: u64) {
     let pki = dir.join("pki");
     let p = pki.to_str().unwrap();
     cellplane(&["pki", "init", "--dir", p]);
@@ -77,12 +81,11 @@ fn setup_region(dir: &Path) {
     cellplane(&["pki", "issue", "--dir", p, "--kind", "host", "--id", "fleet"]);
     cellplane(&["pki", "issue", "--dir", p, "--kind", "client", "--id", "acme"]);
     cellplane(&["pki", "issue", "--dir", p, "--kind", "client", "--id", "other"]);
-    std::fs::write(
-        dir.join("cell.toml"),
-        "cell = \"c1\"\nlisten = \"127.0.0.1:0\"\nhosts_max = 64\nshard_hosts = 16\n\
-         tick_ms = 50\n[lease]\nsuspect_after_ms = 400\ndown_after_ms = 800\n",
-    )
-    .unwrap();
+    let config = format!(
+        "cell = \"c1\"\nlisten = \"127.0.0.1:0\"\n{hosts}\ntick_ms = 50\n\
+         [lease]\nsuspect_after_ms = {suspect_after_ms}\ndown_after_ms = {down_after_ms}\n"
+    );
+    std::fs::write(dir.join("cell.toml"), config).unwrap();
 }
 
 fn host(id: u64) -> Host {
@@ -190,7 +193,7 @@ async fn a_killed_cell_loses_nothing_it_acknowledged_and_fences_the_old_epoch() 
 
     // A host that subscribes gets its assignments under the new epoch.
     let holder = after.replicas[0].host.unwrap();
-    let mut stream = hosts.watch(0, &Message::Subscribe(holder)).await.unwrap();
+    let mut stream = hosts.watch(0, &Message::Subscribe(vec![holder])).await.unwrap();
     let mut assigned = 0;
     loop {
         match stream.next().await.unwrap().unwrap() {
@@ -292,4 +295,65 @@ async fn a_real_agent_runs_a_process_workload_and_reports_its_exit() {
     assert!(phases.len() > running + 1, "the exit was never reported: {phases:?}");
     let log = std::fs::read_to_string(logs.join("acme.web.0.log")).unwrap();
     assert!(log.starts_with("started web\n"), "{log:?}");
+}
+
+async fn summary(router: &Connection) -> cellplane_api::wire::CellSummary {
+    match router.request(0, &Message::SummaryRequest, DEADLINE).await {
+        Ok(Message::Summary(summary)) => *summary,
+        other => panic!("summary: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_ten_thousand_joins_stays_ready_and_goes_suspect_then_down_when_killed() {
+    const HOSTS: u32 = 10_000;
+    let (ready, suspect, down) =
+        (HostState::Ready as usize, HostState::Suspect as usize, HostState::Down as usize);
+    let dir = tempfile::tempdir().unwrap();
+    setup_region_with(dir.path(), "hosts_max = 16384\nshard_hosts = 1024", 2_000, 4_000);
+    let cell = CellProcess::start(dir.path());
+    let router = cell.as_peer(dir.path(), "r1").await;
+    let mut fleet = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["hosts", "--sim", &HOSTS.to_string(), "--cell", &cell.addr.to_string()])
+        .args(["--cell-name", "c1", "--credentials", "fleet", "--pki"])
+        .arg(dir.path().join("pki"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = fleet.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert!(line.starts_with("fleet of 10000 hosts joined cell c1"), "{line:?}");
+    let mut polls = 0;
+    while summary(&router).await.hosts[ready] < HOSTS {
+        polls += 1;
+        assert!(polls < 1_200, "the fleet never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Longer than a lease: heartbeats keep every host ready.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(summary(&router).await.hosts[ready], HOSTS, "hosts dropped while beating");
+
+    fleet.kill().unwrap();
+    fleet.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let mut saw_suspect = false;
+    loop {
+        let now = summary(&router).await;
+        saw_suspect |= now.hosts[suspect] > 0;
+        if now.hosts[down] == HOSTS {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "never all down: {:?}", now.hosts);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(saw_suspect, "hosts went down without being suspect first");
+    // Their last beats came at most one interval before the kill: none is down sooner.
+    assert!(killed.elapsed() >= Duration::from_millis(4_000 - 1_000));
 }

@@ -106,7 +106,7 @@ async fn open(peer: &Peer, core: &HostCore) -> Option<(Connection, cellplane_tra
             return None;
         }
     }
-    let stream = connection.watch(0, &Message::Subscribe(core.id())).await.ok()?;
+    let stream = connection.watch(0, &Message::Subscribe(vec![core.id()])).await.ok()?;
     Some((connection, stream))
 }
 

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod core;
 pub mod driver;
+pub mod fleet;
 
 use serde::{Deserialize, Serialize};
 

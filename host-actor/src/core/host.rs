@@ -134,6 +134,13 @@ impl HostCore {
         }
     }
 
+    /// Sends the first heartbeat at `at_ms` rather than at once: a fleet staggers its hosts so
+    /// that their beats spread over the interval.
+    pub fn with_first_beat(mut self, at_ms: u64) -> Self {
+        self.next_beat_ms = at_ms;
+        self
+    }
+
     /// The record this host registers with.
     pub fn register(&self) -> Host {
         Host { state: HostState::Joining, ..self.host.clone() }
@@ -231,8 +238,8 @@ impl HostCore {
 
     /// The cell takes a slot away.
     pub fn handle_unassign(&mut self, unassign: &Unassign) {
-        if unassign.epoch < self.newest_epoch {
-            return; // fenced: an older incarnation's order
+        if unassign.host != self.host.id || unassign.epoch < self.newest_epoch {
+            return; // another host's, or fenced: an older incarnation's order
         }
         self.newest_epoch = unassign.epoch;
         let key = (unassign.tenant.clone(), unassign.workload.clone(), unassign.ordinal);
@@ -245,7 +252,10 @@ impl HostCore {
     /// A VM power action.
     pub fn handle_power(&mut self, power: &PowerCommand) {
         let key = (power.tenant.clone(), power.workload.clone(), power.ordinal);
-        if power.epoch >= self.newest_epoch && self.runs.contains_key(&key) {
+        if power.host == self.host.id
+            && power.epoch >= self.newest_epoch
+            && self.runs.contains_key(&key)
+        {
             self.commands.push_back(Command::Power { key, action: power.action });
         }
     }
@@ -411,6 +421,7 @@ mod tests {
         );
         // An older incarnation's unassign is fenced off too.
         let unassign = Unassign {
+            host: HostId(1),
             tenant: TenantId::new("acme").unwrap(),
             workload: WorkloadName::new("web").unwrap(),
             ordinal: 0,
