@@ -27,6 +27,10 @@ pub struct CellConfig {
     /// Lease timing.
     #[serde(default)]
     pub lease: LeaseConfig,
+    /// After a start, how long hosts read back from storage have to reconnect before their
+    /// leases run: longer than a host agent's longest reconnection backoff (5 s).
+    #[serde(default = "default_recovery_grace_ms")]
+    pub recovery_grace_ms: u64,
     /// How often leases are checked.
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
@@ -54,6 +58,7 @@ impl CellConfig {
             hosts_max: default_hosts_max(),
             shard_hosts: default_shard_hosts(),
             lease: LeaseConfig::default(),
+            recovery_grace_ms: default_recovery_grace_ms(),
             tick_ms: default_tick_ms(),
             restarts_max: default_restarts_max(),
             restart_window_ms: default_restart_window_ms(),
@@ -81,6 +86,9 @@ fn default_hosts_max() -> usize {
 }
 fn default_shard_hosts() -> usize {
     1_000
+}
+fn default_recovery_grace_ms() -> u64 {
+    10_000
 }
 fn default_tick_ms() -> u64 {
     250

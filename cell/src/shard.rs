@@ -5,7 +5,9 @@
 //! record handed to the workloads actor, with the state membership gives it at that moment;
 //! heartbeats and lease ticks change soft state only (liveness is never stored). Every state
 //! change goes to the workloads actor. On start — first or after a crash — the shard reads its
-//! hosts back from storage; each is `Joining` with a fresh lease until it heartbeats again.
+//! hosts back from storage; each is `Joining` until it heartbeats again, with a lease that
+//! starts only after `recovery_grace_ms`, so hosts reconnecting after a cell restart are not
+//! declared down (and emptied) while they find the cell again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +80,7 @@ impl Actor for Shard {
         };
         for host in hosts {
             if shared.shard_of(host.id) == index {
-                membership.handle_register(now, host)?;
+                membership.handle_restore(now, config.recovery_grace_ms, host)?;
             }
         }
         shared.register_shard(index, myself.clone());

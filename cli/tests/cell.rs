@@ -68,6 +68,16 @@ impl Drop for CellProcess {
     }
 }
 
+/// A child process killed when the test ends, passed or not.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn setup_region(dir: &Path) {
     setup_region_with(dir, "hosts_max = 64\nshard_hosts = 16", 400, 800);
 }
@@ -253,14 +263,7 @@ async fn a_real_agent_runs_a_process_workload_and_reports_its_exit() {
     };
     router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await.unwrap();
     let logs = dir.path().join("logs");
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_cellplane"))
-        .args(["host", "--cell", &cell.addr.to_string(), "--cell-name", "c1", "--pki"])
-        .arg(dir.path().join("pki"))
-        .args(["--credentials", "fleet", "--id", "5", "--logs"])
-        .arg(&logs)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let agent = start_agent(dir.path(), cell.addr, &logs);
     let mut spec = web(1);
     spec.kind = WorkloadKind::Container(ContainerSpec {
         image: "none".into(),
@@ -289,8 +292,7 @@ async fn a_real_agent_runs_a_process_workload_and_reports_its_exit() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     let running = phases.iter().position(|p| *p == ReplicaPhase::Running).expect("never ran");
     assert!(phases.len() > running + 1, "the exit was never reported: {phases:?}");
     let log = std::fs::read_to_string(logs.join("acme.web.0.log")).unwrap();
@@ -313,15 +315,17 @@ async fn a_fleet_of_ten_thousand_joins_stays_ready_and_goes_suspect_then_down_wh
     setup_region_with(dir.path(), "hosts_max = 16384\nshard_hosts = 1024", 2_000, 4_000);
     let cell = CellProcess::start(dir.path());
     let router = cell.as_peer(dir.path(), "r1").await;
-    let mut fleet = Command::new(env!("CARGO_BIN_EXE_cellplane"))
-        .args(["hosts", "--sim", &HOSTS.to_string(), "--cell", &cell.addr.to_string()])
-        .args(["--cell-name", "c1", "--credentials", "fleet", "--pki"])
-        .arg(dir.path().join("pki"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = fleet.stdout.take().unwrap();
+    let mut fleet = Killed(
+        Command::new(env!("CARGO_BIN_EXE_cellplane"))
+            .args(["hosts", "--sim", &HOSTS.to_string(), "--cell", &cell.addr.to_string()])
+            .args(["--cell-name", "c1", "--credentials", "fleet", "--pki"])
+            .arg(dir.path().join("pki"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = fleet.0.stdout.take().unwrap();
     let line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -340,8 +344,8 @@ async fn a_fleet_of_ten_thousand_joins_stays_ready_and_goes_suspect_then_down_wh
     tokio::time::sleep(Duration::from_millis(4_500)).await;
     assert_eq!(summary(&router).await.hosts[ready], HOSTS, "hosts dropped while beating");
 
-    fleet.kill().unwrap();
-    fleet.wait().unwrap();
+    fleet.0.kill().unwrap();
+    fleet.0.wait().unwrap();
     let killed = std::time::Instant::now();
     let mut saw_suspect = false;
     loop {
@@ -356,4 +360,92 @@ async fn a_fleet_of_ten_thousand_joins_stays_ready_and_goes_suspect_then_down_wh
     assert!(saw_suspect, "hosts went down without being suspect first");
     // Their last beats came at most one interval before the kill: none is down sooner.
     assert!(killed.elapsed() >= Duration::from_millis(4_000 - 1_000));
+}
+
+/// The agent of host 5 as a child process, logging replicas under `logs`.
+fn start_agent(dir: &Path, addr: SocketAddr, logs: &Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_cellplane"))
+            .args(["host", "--cell", &addr.to_string(), "--cell-name", "c1", "--pki"])
+            .arg(dir.join("pki"))
+            .args(["--credentials", "fleet", "--id", "5", "--logs"])
+            .arg(logs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Polls web until `check` holds for its first replica.
+async fn until_replica(
+    client: &Connection,
+    check: impl Fn(&cellplane_api::Replica) -> bool,
+) -> cellplane_api::Replica {
+    for _ in 0..3_000 {
+        if let Ok(Message::Workload(status)) = client.request(0, &web_ref(), DEADLINE).await
+            && check(&status.replicas[0])
+        {
+            return status.replicas[0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("web never got there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_outlive_a_killed_cell_and_are_reconciled_not_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fixed port, so that the agent finds the cell again after its restart.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    setup_region(dir.path());
+    let config = std::fs::read_to_string(dir.path().join("cell.toml")).unwrap();
+    let config = config.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(dir.path().join("cell.toml"), config).unwrap();
+    let cell = CellProcess::start(dir.path());
+    let router = cell.as_peer(dir.path(), "r1").await;
+    let tenant = Tenant {
+        id: TenantId::new("acme").unwrap(),
+        quota: Quota { cpu_milli: 10_000, memory_mib: 10_000, replicas: 5, workloads: 5 },
+        home_cell: None,
+    };
+    router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await.unwrap();
+    let logs = dir.path().join("logs");
+    let agent = start_agent(dir.path(), cell.addr, &logs);
+    let mut spec = web(1);
+    spec.kind = WorkloadKind::Container(ContainerSpec {
+        image: "none".into(),
+        command: vec!["sh".into(), "-c".into(), "echo started $$; exec sleep 600".into()],
+        env: Default::default(),
+    });
+    let apply = Message::Apply(Box::new(Apply {
+        tenant: TenantId::new("acme").unwrap(),
+        idempotency_key: [2; 16],
+        spec,
+    }));
+    let client = cell.as_peer(dir.path(), "acme").await;
+    assert!(matches!(client.request(0, &apply, DEADLINE).await, Ok(Message::Done(_))));
+    let first = until_replica(&client, |r| r.phase == ReplicaPhase::Running).await;
+    let log_path = logs.join("acme.web.0.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let pid: u32 = log.trim().trim_start_matches("started ").parse().unwrap();
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive(pid));
+
+    // The cell dies; the workload does not.
+    drop(cell);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(alive(pid), "the workload died with its cell");
+
+    // The cell comes back on the same data: the agent reconnects and reconciles.
+    let cell = CellProcess::start(dir.path());
+    let client = cell.as_peer(dir.path(), "acme").await;
+    let after = until_replica(&client, |r| r.phase == ReplicaPhase::Running).await;
+    assert_eq!(after.host, first.host, "the acknowledged assignment was kept");
+    assert_eq!(after.epoch, first.epoch + 1);
+    assert!(alive(pid), "reconciliation restarted the workload");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log.lines().count(), 1, "the workload ran twice: {log:?}");
+    drop(agent);
+    let _ = Command::new("kill").arg(pid.to_string()).status();
 }

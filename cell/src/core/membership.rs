@@ -113,6 +113,18 @@ impl Membership {
         Ok(())
     }
 
+    /// A host read back from storage when the cell (or this shard) starts: `Joining`, with
+    /// its first lease starting `grace_ms` from now, so that hosts have time to notice the
+    /// restart and reconnect before anything is moved off them.
+    pub fn handle_restore(
+        &mut self,
+        now_ms: u64,
+        grace_ms: u64,
+        host: Host,
+    ) -> Result<(), MembershipError> {
+        self.handle_register(now_ms + grace_ms, host)
+    }
+
     /// Renews a host's lease.
     pub fn handle_heartbeat(
         &mut self,
@@ -292,6 +304,20 @@ mod tests {
         m.handle_heartbeat(1_000_001, &beat(1, 2)).unwrap();
         assert_eq!(events(&mut m), [(1, HostState::Ready)]);
         assert_eq!(m.counts(), [0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_restored_host_gets_a_grace_period_then_the_usual_lease() {
+        let mut m = Membership::new(LEASE, 10);
+        m.handle_restore(1_000, 10_000, host(1)).unwrap();
+        m.handle_tick(12_999);
+        assert!(events(&mut m).is_empty(), "no verdict within the grace period");
+        m.handle_tick(13_000);
+        assert_eq!(events(&mut m), [(1, HostState::Suspect)]);
+        let mut m = Membership::new(LEASE, 10);
+        m.handle_restore(1_000, 10_000, host(1)).unwrap();
+        m.handle_heartbeat(4_000, &beat(1, 1)).unwrap();
+        assert_eq!(events(&mut m), [(1, HostState::Ready)]);
     }
 
     #[test]
