@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cellplane_api::{Capabilities, CellId, Host, HostId, HostState, Name, Resources, SiteId};
+use cellplane_api::{CellId, Host, HostId, HostState, Name, Resources, SiteId};
 use cellplane_host_actor::agent::{self, CellAddress};
 use cellplane_host_actor::core::host::{HostConfig, HostCore};
 use cellplane_host_actor::driver::{ProcessDriver, RestartPolicy};
@@ -55,6 +55,7 @@ pub struct HostArgs {
 pub async fn serve(args: HostArgs) -> Result<(), Failure> {
     let input = |flag: &str, e: &dyn std::fmt::Display| Failure::Input(format!("{flag}: {e}"));
     let cell_name = Name::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?;
+    let detected = cellplane_host_actor::detect::detect();
     let host = Host {
         id: HostId(args.id),
         cell: CellId::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?,
@@ -66,8 +67,7 @@ pub async fn serve(args: HostArgs) -> Result<(), Failure> {
             disk_gib: args.disk_gib,
             gpus: 0,
         },
-        // The process driver runs container workloads as processes; no VM driver yet.
-        capabilities: Capabilities { container: true, vm: false },
+        capabilities: detected.capabilities,
         labels: Default::default(),
         state: HostState::Joining,
     };
@@ -83,6 +83,7 @@ pub async fn serve(args: HostArgs) -> Result<(), Failure> {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(agent::run(cell, core, driver, arrivals, shutdown));
     println!("host {} serving cell {} at {}", args.id, args.cell_name, args.cell);
+    println!("host {} offers {}", args.id, detected.describe());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     tokio::select! {

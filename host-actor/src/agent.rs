@@ -86,7 +86,7 @@ pub async fn run(
                 }
                 _ = shutdown.changed() => return Ok(()),
             }
-            act(&mut core, driver.as_ref());
+            carry_out(&mut core, driver.as_ref());
             while let Some(report) = core.poll_report() {
                 let _ = connection.send(0, &Message::Status(Box::new(report))).await;
             }
@@ -110,8 +110,8 @@ async fn open(peer: &Peer, core: &HostCore) -> Option<(Connection, cellplane_tra
     Some((connection, stream))
 }
 
-/// Carries out what the core decided.
-fn act(core: &mut HostCore, driver: &dyn Driver) {
+/// Carries out what the core decided; a driver's refusal goes back to the core as a failure.
+pub fn carry_out(core: &mut HostCore, driver: &dyn Driver) {
     while let Some(command) = core.poll_command() {
         match command {
             Command::Start { key, spec } => {

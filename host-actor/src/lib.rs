@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod core;
+pub mod detect;
 pub mod driver;
 pub mod fleet;
 

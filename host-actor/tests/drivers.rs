@@ -129,3 +129,74 @@ async fn the_sim_driver_replays_the_same_outcomes_from_the_same_seed() {
     let failed = a.iter().filter(|(_, p)| *p == ReplicaPhase::Failed).count();
     assert!(failed > 0 && failed < 40, "a 30% failure rate gave {failed} of 40");
 }
+
+#[tokio::test]
+async fn bad_assignments_are_refused_with_a_reason_and_the_rest_keeps_running() {
+    use cellplane_api::wire::Assignment;
+    use cellplane_api::{Capabilities, CellId, Host, HostId, HostState, Name, Replica, SiteId};
+    use cellplane_host_actor::agent::carry_out;
+    use cellplane_host_actor::core::host::{HostConfig, HostCore, Refusal};
+
+    let host = Host {
+        id: HostId(1),
+        cell: CellId::new("c1").unwrap(),
+        site: SiteId::new("s1").unwrap(),
+        zone: Name::new("z1").unwrap(),
+        capacity: Resources { cpu_milli: 1_000, memory_mib: 1_024, disk_gib: 10, gpus: 0 },
+        capabilities: Capabilities { container: true, vm: false },
+        labels: Default::default(),
+        state: HostState::Joining,
+    };
+    let mut core = HostCore::new(host, HostConfig::default());
+    core.handle_connected(true);
+    let dir = tempfile::tempdir().unwrap();
+    let (sender, mut events) = mpsc::channel(16);
+    let driver = ProcessDriver::new(sender, dir.path().into(), RestartPolicy::default());
+    let assign = |name: &str, spec: WorkloadSpec| Assignment {
+        tenant: TenantId::new("acme").unwrap(),
+        replica: Replica {
+            workload: WorkloadName::new(name).unwrap(),
+            ordinal: 0,
+            host: Some(HostId(1)),
+            epoch: 1,
+            phase: ReplicaPhase::Assigned,
+        },
+        spec,
+    };
+    core.handle_assign(&assign("good", process("good", "exec sleep 30"))).unwrap();
+    let mut big = process("big", "true");
+    big.resources.cpu_milli = 5_000;
+    assert!(matches!(core.handle_assign(&assign("big", big)), Err(Refusal::BeyondCapacity { .. })));
+    let mut vm = process("vm", "true");
+    vm.kind = WorkloadKind::Vm(cellplane_api::VmSpec {
+        image: "debian".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk_gib: 1,
+        cloud_init: None,
+        power: cellplane_api::PowerState::On,
+    });
+    assert_eq!(core.handle_assign(&assign("vm", vm)), Err(Refusal::NoRuntime("VM")));
+    let mut empty = process("empty", "true");
+    if let WorkloadKind::Container(c) = &mut empty.kind {
+        c.command.clear(); // nothing the process driver can run
+    }
+    core.handle_assign(&assign("empty", empty)).unwrap();
+    carry_out(&mut core, &driver);
+    let event = next(&mut events).await;
+    assert_eq!((event.key.1.as_str(), event.phase), ("good", ReplicaPhase::Running));
+    core.handle_driver(&event.key, event.phase, event.detail);
+
+    let reports: Vec<_> = std::iter::from_fn(|| core.poll_report())
+        .map(|r| (r.workload.to_string(), r.phase, r.detail))
+        .collect();
+    let phase_of = |name: &str| reports.iter().find(|r| r.0 == name).map(|r| (r.1, r.2.clone()));
+    assert_eq!(phase_of("good").unwrap().0, ReplicaPhase::Running);
+    for (name, reason) in [("big", "needs"), ("vm", "no VM runtime"), ("empty", "no command")] {
+        let (phase, detail) = phase_of(name).unwrap();
+        assert_eq!(phase, ReplicaPhase::Failed, "{name}");
+        assert!(detail.contains(reason), "{name}: {detail}");
+    }
+    assert_eq!(driver.running(), 1);
+    driver.stop(&key("good"));
+}
