@@ -6,6 +6,7 @@
 //! cargo run --release -p cellplane-perf --bin bench-storage
 //! cargo run --release -p cellplane-perf --bin bench-wire
 //! cargo run --release -p cellplane-perf --bin bench-cell
+//! cargo build --release -p cellplane && cargo run --release -p cellplane-perf --bin bench-fleet
 //! ```
 #![deny(missing_docs)]
 
