@@ -365,6 +365,12 @@ async fn bad_requests_get_typed_errors_and_change_nothing() {
         replicas: 5,
     };
     assert_eq!(code(cell.call(Message::Scale(Box::new(scale))).await), ErrorCode::QuotaExceeded);
+    // A spec that breaks the model's rules (no replicas, a resource out of range).
+    let mut bad = spec("api", 0, Controller::Replicated);
+    bad.resources.cpu_milli = 0;
+    let refused = cell.call(apply("acme", 7, bad)).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Invalid);
+    assert!(refused.detail.contains("replicas") || refused.detail.contains("cpu_milli"));
     // A name already used by another kind of workload.
     let clash = cell.call(apply("acme", 5, spec("web", 2, Controller::Stateful))).await;
     assert_eq!(code(clash), ErrorCode::Invalid);
