@@ -6,6 +6,8 @@
 //! crate owns the router's vocabulary today.
 #![deny(missing_docs)]
 
+pub mod core;
+
 use cellplane_api::{CellId, TenantId};
 
 /// Where a tenant's calls go: its home cell. Overflow placements are recorded per workload.
