@@ -408,6 +408,56 @@ impl Default for UpdateStrategy {
     }
 }
 
+/// What a tenant uses, or would use after a change, measured against its [`Quota`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Workloads.
+    pub workloads: u64,
+    /// Replicas.
+    pub replicas: u64,
+    /// CPU of every replica, in thousandths of a core.
+    pub cpu_milli: u64,
+    /// Memory of every replica, in MiB.
+    pub memory_mib: u64,
+}
+
+impl Usage {
+    /// The usage of one workload.
+    pub fn of(spec: &WorkloadSpec) -> Self {
+        let replicas = u64::from(spec.replicas);
+        Self {
+            workloads: 1,
+            replicas,
+            cpu_milli: replicas * u64::from(spec.resources.cpu_milli),
+            memory_mib: replicas * u64::from(spec.resources.memory_mib),
+        }
+    }
+
+    /// The sum of two usages.
+    pub fn plus(self, other: Usage) -> Self {
+        Self {
+            workloads: self.workloads + other.workloads,
+            replicas: self.replicas + other.replicas,
+            cpu_milli: self.cpu_milli + other.cpu_milli,
+            memory_mib: self.memory_mib + other.memory_mib,
+        }
+    }
+}
+
+impl Quota {
+    /// The first limit `usage` goes past, as (what, wanted, allowed); `None` when it fits.
+    pub fn exceeded_by(&self, usage: Usage) -> Option<(&'static str, u64, u64)> {
+        [
+            ("workloads", usage.workloads, u64::from(self.workloads)),
+            ("replicas", usage.replicas, u64::from(self.replicas)),
+            ("cpu_milli", usage.cpu_milli, self.cpu_milli),
+            ("memory_mib", usage.memory_mib, self.memory_mib),
+        ]
+        .into_iter()
+        .find(|(_, want, max)| want > max)
+    }
+}
+
 impl Resources {
     /// Whether `self` fits inside `free`, in every dimension.
     pub fn fits_in(&self, free: &Resources) -> bool {

@@ -28,7 +28,7 @@ use crate::error::{ModelError, check_len};
 use crate::model::{
     Host, HostId, HostState, Replica, ReplicaPhase, Tenant, Validate, VmAction, WorkloadSpec,
 };
-use crate::name::{CellId, TenantId, WorkloadName};
+use crate::name::{CellId, SiteId, TenantId, WorkloadName};
 
 /// The version this build writes and the only one it reads.
 pub const WIRE_VERSION: u16 = 1;
@@ -165,6 +165,44 @@ wire! {
         Unassign(Box<Unassign>),
         /// A VM power action for a replica on the host.
         Power(Box<PowerCommand>),
+        /// The router made a tenant: its record (home cell chosen) and its client credentials.
+        TenantCreated(Box<TenantCreated>),
+        /// Remove an empty tenant from the region (operator).
+        DeleteTenant(TenantId),
+        /// Ask the router where a workload would go, and why.
+        Explain(Box<Apply>),
+        /// Where a workload would go, and why every other cell would not.
+        Explanation(Box<Explanation>),
+        /// Ask the router for every cell's summary (operator).
+        RegionSummaryRequest,
+        /// Every cell's last summary, and whether it answered.
+        RegionSummary(Box<RegionSummary>),
+    }
+
+    /// A tenant, made.
+    pub struct TenantCreated {
+        /// Its record, home cell included.
+        pub tenant: Tenant,
+        /// Its client certificate (DER), naming the tenant in the tenant role.
+        pub certificate_der: Vec<u8>,
+        /// The certificate's private key (PKCS#8 DER): keep it secret.
+        pub key_der: Vec<u8>,
+    }
+
+    /// A placement decision, explained.
+    pub struct Explanation {
+        /// The chosen cell, if any can take it.
+        pub chosen: Option<CellId>,
+        /// Whether the chosen cell is not the tenant's home.
+        pub overflow: bool,
+        /// Every other cell: (cell, site, why not).
+        pub rejected: Vec<(CellId, SiteId, String)>,
+    }
+
+    /// The region's cells.
+    pub struct RegionSummary {
+        /// Each cell's last summary and whether its last poll answered.
+        pub cells: Vec<(CellSummary, bool)>,
     }
 
     /// Names one workload of one tenant.
@@ -413,7 +451,22 @@ impl Validate for Message {
             Message::Heartbeats(beats) => {
                 check_len("heartbeats", beats.len(), HOSTS_PER_MESSAGE_MAX)
             }
-            Message::Done(_) | Message::SummaryRequest | Message::Synced(_) => Ok(()),
+            Message::TenantCreated(t) => t.tenant.validate(),
+            Message::DeleteTenant(t) => t.0.check("delete_tenant.tenant"),
+            Message::Explain(a) => {
+                a.tenant.0.check("explain.tenant")?;
+                a.spec.validate()
+            }
+            Message::Explanation(e) => e.rejected.iter().try_for_each(|(_, _, why)| {
+                check_len("explanation.reason", why.len(), DETAIL_LEN_MAX)
+            }),
+            Message::RegionSummary(r) => {
+                r.cells.iter().try_for_each(|(s, _)| s.cell.0.check("summary.cell"))
+            }
+            Message::Done(_)
+            | Message::SummaryRequest
+            | Message::RegionSummaryRequest
+            | Message::Synced(_) => Ok(()),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! ("cell", c, "tenant", t, "quota")              -> tenant record (JSON)
 //! ("cell", c, "tenant", t, "workload", n)        -> generation u64 LE + spec (JSON)
 //! ("cell", c, "tenant", t, "replica", n, i)      -> host u64 LE, epoch u64 LE, generation u64 LE
-//! ("cell", c, "idem", key)                       -> tenant, workload (JSON) of the apply it made
+//! ("cell", c, "tenant", t, "idem", key)          -> the workload (JSON) the apply with this
+//!                                                   idempotency key changed
 //! ```
 //!
 //! Only what must survive a restart is stored: hosts' records (not their liveness, which is
@@ -76,6 +77,11 @@ pub fn replica_key(keys: &TenantKeys, name: &WorkloadName, ordinal: u32) -> Vec<
     keys.key(&("replica", name.as_str(), ordinal))
 }
 
+/// The key of an idempotency record: per tenant, so keys of different tenants never meet.
+pub fn idempotency_key(keys: &TenantKeys, key: &[u8; 16]) -> Vec<u8> {
+    keys.key(&("idem", &key[..]))
+}
+
 /// Encodes a workload record.
 pub fn workload_value(spec: &WorkloadSpec, generation: u64) -> Vec<u8> {
     let mut value = generation.to_le_bytes().to_vec();
@@ -122,15 +128,6 @@ pub async fn load(db: &Database, cell: &CellId) -> Result<CellState, StorageErro
     let space = keyspace::cell(cell);
     let tx = db.begin().await?;
     state.hosts = read_hosts(&tx, cell).await?;
-    // Idempotency records.
-    let idem_space = space.subspace(&("idem",));
-    for (key, value) in scan(&tx, keyspace::range_of(&idem_space)).await? {
-        let (raw,): (Vec<u8>,) = idem_space.unpack(&key).map_err(|e| corrupt("idempotency", e))?;
-        let key: [u8; 16] = raw.try_into().map_err(|_| corrupt("idempotency", "key length"))?;
-        let (tenant, workload): (TenantId, WorkloadName) =
-            serde_json::from_slice(&value).map_err(|e| corrupt("idempotency", e))?;
-        state.idempotency.push((key, tenant, workload));
-    }
     // Tenants: every tenant record, then that tenant's objects through its scope.
     let tenant_space = space.subspace(&("tenant",));
     let mut tenants = Vec::new();
@@ -145,6 +142,13 @@ pub async fn load(db: &Database, cell: &CellId) -> Result<CellState, StorageErro
     }
     for tenant in tenants {
         let scope = TenantScope::new(&tx, cell, &tenant.id);
+        for (key, value) in scan_scope(&scope, &("idem",)).await? {
+            let (_, raw): (String, Vec<u8>) = TenantScope::unpack(&key)?;
+            let key: [u8; 16] = raw.try_into().map_err(|_| corrupt("idempotency", "key length"))?;
+            let workload: WorkloadName =
+                serde_json::from_slice(&value).map_err(|e| corrupt("idempotency", e))?;
+            state.idempotency.push((key, tenant.id.clone(), workload));
+        }
         let mut workloads: Vec<StoredWorkload> = Vec::new();
         for (key, value) in scan_scope(&scope, &("workload",)).await? {
             let _: (String, String) = TenantScope::unpack(&key)?;

@@ -27,11 +27,11 @@ use cellplane_api::wire::{
     Scale, StatusReport, Unassign, VmActionRequest, WorkloadList, WorkloadRef, WorkloadStatus,
 };
 use cellplane_api::{
-    Host, HostId, HostState, Replica, ReplicaPhase, Tenant, TenantId, Validate, WorkloadKind,
-    WorkloadName, WorkloadSpec,
+    Host, HostId, HostState, Replica, ReplicaPhase, Tenant, TenantId, Usage, Validate,
+    WorkloadKind, WorkloadName, WorkloadSpec,
 };
 use cellplane_storage::group::Write;
-use cellplane_storage::keyspace::{self, TenantKeys};
+use cellplane_storage::keyspace::TenantKeys;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, oneshot};
 
@@ -138,8 +138,9 @@ pub struct State {
     /// Which slots each host holds: `(entry, ordinal)`.
     on_host: HashMap<HostId, Vec<(u32, u32)>>,
     streams: HashMap<HostId, mpsc::Sender<Message>>,
-    idempotency: HashMap<[u8; 16], (TenantId, WorkloadName)>,
-    idempotency_order: VecDeque<[u8; 16]>,
+    /// Per tenant, so that one tenant's keys never collide with (or reveal) another's.
+    idempotency: HashMap<(TenantId, [u8; 16]), WorkloadName>,
+    idempotency_order: VecDeque<(TenantId, [u8; 16])>,
     dirty: BTreeSet<u32>,
     unplaced: BTreeSet<u32>,
     in_flight: usize,
@@ -304,8 +305,8 @@ impl State {
             self.scheduler.handle_host(&host);
         }
         for (key, tenant, workload) in stored.idempotency {
-            self.idempotency.insert(key, (tenant, workload));
-            self.idempotency_order.push_back(key);
+            self.idempotency.insert((tenant.clone(), key), workload);
+            self.idempotency_order.push_back((tenant, key));
         }
         for (tenant, workloads) in stored.tenants {
             let keys = TenantKeys::new(&self.shared.config.cell, &tenant.id);
@@ -379,31 +380,14 @@ impl State {
     /// Refuses a change that would take `tenant` past its quota, with `spec` replacing the
     /// workload of the same name.
     fn check_quota(&self, tenant: &TenantState, spec: &WorkloadSpec) -> Result<(), ErrorReply> {
-        let quota = tenant.tenant.quota;
-        let (mut workloads, mut replicas, mut cpu, mut memory) = (0u64, 0u64, 0u64, 0u64);
-        let mut add = |s: &WorkloadSpec| {
-            workloads += 1;
-            replicas += u64::from(s.replicas);
-            cpu += u64::from(s.replicas) * u64::from(s.resources.cpu_milli);
-            memory += u64::from(s.replicas) * u64::from(s.resources.memory_mib);
-        };
-        for (name, id) in &tenant.workloads {
-            if name != &spec.name
-                && let Some(entry) = self.entry(*id)
-            {
-                add(entry.controller.spec());
-            }
-        }
-        add(spec);
-        let over = [
-            ("workloads", workloads, u64::from(quota.workloads)),
-            ("replicas", replicas, u64::from(quota.replicas)),
-            ("cpu_milli", cpu, quota.cpu_milli),
-            ("memory_mib", memory, quota.memory_mib),
-        ]
-        .into_iter()
-        .find(|(_, want, max)| want > max);
-        match over {
+        let others = tenant
+            .workloads
+            .iter()
+            .filter(|(name, _)| *name != &spec.name)
+            .filter_map(|(_, id)| self.entry(*id))
+            .map(|entry| Usage::of(entry.controller.spec()));
+        let usage = others.fold(Usage::of(spec), Usage::plus);
+        match tenant.tenant.quota.exceeded_by(usage) {
             Some((what, want, max)) => Err(refuse(
                 ErrorCode::QuotaExceeded,
                 format!("tenant {} would use {want} {what}; its quota is {max}", tenant.tenant.id),
@@ -414,8 +398,8 @@ impl State {
 
     fn apply(&mut self, apply: Apply, outcome: &mut Outcome) -> Result<Message, ErrorReply> {
         let Apply { tenant: tenant_id, idempotency_key, spec } = apply;
-        if let Some((t, w)) = self.idempotency.get(&idempotency_key) {
-            return if (t, w) == (&tenant_id, &spec.name) {
+        if let Some(w) = self.idempotency.get(&(tenant_id.clone(), idempotency_key)) {
+            return if w == &spec.name {
                 Ok(Message::Done(0)) // applied before: nothing to do again
             } else {
                 Err(refuse(ErrorCode::Invalid, "idempotency key was used for another change"))
@@ -476,17 +460,18 @@ impl State {
         workload: WorkloadName,
         outcome: &mut Outcome,
     ) {
-        let cell = &self.shared.config.cell;
-        outcome.writes.push(Write::Set(
-            keyspace::idempotency(cell, &key),
-            records::json(&(&tenant, &workload)),
-        ));
-        self.idempotency.insert(key, (tenant, workload));
-        self.idempotency_order.push_back(key);
+        let keys = &self.tenants[&tenant].keys;
+        outcome
+            .writes
+            .push(Write::Set(records::idempotency_key(keys, &key), records::json(&workload)));
+        self.idempotency.insert((tenant.clone(), key), workload);
+        self.idempotency_order.push_back((tenant, key));
         while self.idempotency_order.len() > self.shared.config.limits.idempotency_max {
-            if let Some(old) = self.idempotency_order.pop_front() {
-                self.idempotency.remove(&old);
-                outcome.writes.push(Write::Clear(keyspace::idempotency(cell, &old)));
+            if let Some((tenant, old)) = self.idempotency_order.pop_front() {
+                self.idempotency.remove(&(tenant.clone(), old));
+                if let Some(t) = self.tenants.get(&tenant) {
+                    outcome.writes.push(Write::Clear(records::idempotency_key(&t.keys, &old)));
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod cell;
 mod host;
 mod hosts;
+mod router;
 
 /// cellplane: a control plane for hyperscale cloud regions.
 #[derive(Parser)]
@@ -57,6 +58,28 @@ enum Command {
     /// Prints progress while the hosts join and one line `fleet of N hosts joined cell C in
     /// T s` once every shard is registered and subscribed; stops on SIGINT or SIGTERM.
     Hosts(hosts::FleetArgs),
+    /// Run the region router: tenants, their home cells, and the routing of every tenant call
+    /// to the cell that holds the object.
+    ///
+    /// Reads CONFIG (TOML: `region`, `listen`, `[[sites]]` with `id`, `kind` (cloud or edge),
+    /// `location` and `[sites.latency_ms]`, `[[cells]]` with `id`, `site`, `address`, and
+    /// optional `[limits]` `rate_per_s`, `burst`, `summary_ms`, `call_deadline_ms`), keeps its
+    /// directory in DATA, and serves clients over QUIC. With the CA's key in PKI it issues each
+    /// new tenant's client credentials. Prints `router of region R serving on ADDR` once ready.
+    Router {
+        /// The region's config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// The directory of the router's directory store (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        /// The directory holding ca.crt (and ca.key to issue tenants' credentials).
+        #[arg(long)]
+        pki: PathBuf,
+        /// The stem of the router's credentials in --pki.
+        #[arg(long, default_value = "router")]
+        credentials: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,6 +161,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cell { config, data, pki } => runtime()?.block_on(cell::serve(config, data, pki)),
         Command::Host(args) => runtime()?.block_on(host::serve(args)),
         Command::Hosts(args) => runtime()?.block_on(hosts::serve(args)),
+        Command::Router { config, data, pki, credentials } => {
+            runtime()?.block_on(router::serve(config, data, pki, credentials))
+        }
         Command::Pki(Pki::Init { dir, region }) => {
             if dir.join("ca.key").exists() {
                 return Err(Failure::Input(format!(

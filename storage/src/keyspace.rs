@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! ("region", region, "cell", cell)                  -> cell record, summary
-//! ("region", region, "tenant", tenant)              -> tenant record
+//! ("region", region, "tenant", tenant)              -> tenant record, home cell
+//! ("region", region, "placement", tenant, workload) -> the cell holding it, what it reserves
 //! ("cell", cell, "epoch")                           -> current incarnation
 //! ("cell", cell, "host", host)                      -> host record
 //! ("cell", cell, "tenant", tenant, "workload", n)   -> spec + status
 //! ("cell", cell, "tenant", tenant, "replica", n, i) -> assignment
-//! ("cell", cell, "idem", key)                       -> idempotency record
+//! ("cell", cell, "tenant", tenant, "idem", key)     -> idempotency record
 //! ```
 //!
 //! Tenant isolation is by construction: a [`TenantScope`] takes only tuples, packs every one of
@@ -40,11 +41,6 @@ pub fn cell_epoch(cell_id: &CellId) -> Vec<u8> {
 /// The key of a host record.
 pub fn host(cell_id: &CellId, host: u64) -> Vec<u8> {
     cell(cell_id).pack(&("host", host))
-}
-
-/// The key of an idempotency record.
-pub fn idempotency(cell_id: &CellId, key: &[u8]) -> Vec<u8> {
-    cell(cell_id).pack(&("idem", key))
 }
 
 /// The subspace of one tenant's objects in one cell.

@@ -1,0 +1,403 @@
+//! A region as real processes over QUIC on 127.0.0.1: three cells (two cloud, one edge), a
+//! simulated fleet per cell, and the router in front.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cellplane_api::wire::{
+    Apply, ErrorCode, ErrorReply, ListRequest, Message, RegionSummary, Scale, WorkloadRef,
+};
+use cellplane_api::{
+    ContainerSpec, Controller, LatencyTarget, Name, Placement, Quota, Resources, Tenant, TenantId,
+    WorkloadKind, WorkloadName, WorkloadSpec,
+};
+use cellplane_transport::{
+    CertificateAuthority, Connection, Credentials, Identity, Role, Setup, TransportError, connect,
+};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], dir: &Path) -> (Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (Killed(child), line)
+}
+
+/// The address in a "... serving on ADDR ..." line.
+fn address(line: &str) -> SocketAddr {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "on").expect("an address") + 1;
+    words[at].parse().unwrap()
+}
+
+struct Region {
+    cells: Vec<Killed>,
+    _fleets: Vec<Killed>,
+    _router: Killed,
+    router: SocketAddr,
+}
+
+fn start_region(dir: &Path) -> Region {
+    let ca = CertificateAuthority::generate("test").unwrap();
+    let pki = dir.join("pki");
+    ca.save(&pki).unwrap();
+    let name = |s: &str| Name::new(s).unwrap();
+    for (identity, stem) in [
+        (Identity::Cell(name("c1")), "c1"),
+        (Identity::Cell(name("c2")), "c2"),
+        (Identity::Cell(name("c3")), "c3"),
+        (Identity::Router(name("r1")), "router"),
+        (Identity::Host(name("fleet")), "fleet"),
+        (Identity::Client { tenant: TenantId::new("ops").unwrap(), role: Role::Operator }, "ops"),
+    ] {
+        ca.issue(&identity).unwrap().save(&pki, stem).unwrap();
+    }
+    let mut cells = Vec::new();
+    let mut fleets = Vec::new();
+    let mut addresses = Vec::new();
+    for cell in ["c1", "c2", "c3"] {
+        let config = format!(
+            "cell = \"{cell}\"\nlisten = \"127.0.0.1:0\"\nhosts_max = 64\nshard_hosts = 16\n"
+        );
+        std::fs::write(dir.join(format!("{cell}.toml")), config).unwrap();
+        let (process, line) = spawn(
+            &["cell", "--config", &format!("{cell}.toml"), "--data", cell, "--pki", "pki"],
+            dir,
+        );
+        let addr = address(&line);
+        let (fleet, line) = spawn(
+            &[
+                "hosts",
+                "--sim",
+                "4",
+                "--cell",
+                &addr.to_string(),
+                "--cell-name",
+                cell,
+                "--credentials",
+                "fleet",
+                "--pki",
+                "pki",
+                "--cpu-milli",
+                "4000",
+                "--memory-mib",
+                "8192",
+            ],
+            dir,
+        );
+        assert!(line.starts_with("fleet of 4 hosts joined"), "{line:?}");
+        cells.push(process);
+        fleets.push(fleet);
+        addresses.push(addr);
+    }
+    let region = format!(
+        r#"region = "test"
+listen = "127.0.0.1:0"
+
+[[sites]]
+id = "dc-1"
+kind = "cloud"
+location = "Frankfurt"
+latency_ms = {{ users-eu = 30, users-us = 90 }}
+
+[[sites]]
+id = "edge-fra"
+kind = "edge"
+location = "Frankfurt edge"
+latency_ms = {{ users-eu = 4, users-us = 110 }}
+
+[[cells]]
+id = "c1"
+site = "dc-1"
+address = "{}"
+
+[[cells]]
+id = "c2"
+site = "dc-1"
+address = "{}"
+
+[[cells]]
+id = "c3"
+site = "edge-fra"
+address = "{}"
+
+[limits]
+rate_per_s = 20
+burst = 40
+summary_ms = 100
+"#,
+        addresses[0], addresses[1], addresses[2]
+    );
+    std::fs::write(dir.join("region.toml"), region).unwrap();
+    let (router, line) =
+        spawn(&["router", "--config", "region.toml", "--data", "router", "--pki", "pki"], dir);
+    assert!(line.starts_with("router of region test serving on"), "{line:?}");
+    Region { cells, _fleets: fleets, _router: router, router: address(&line) }
+}
+
+async fn as_client(dir: &Path, region: &Region, stem: &str) -> Connection {
+    let pki = dir.join("pki");
+    let ca = cellplane_transport::identity::load_ca_certificate(&pki).unwrap();
+    let setup = Setup::new(Credentials::load(&pki, stem).unwrap(), ca);
+    connect(region.router, &Identity::Router(Name::new("r1").unwrap()), &setup).await.unwrap()
+}
+
+async fn summary(ops: &Connection) -> RegionSummary {
+    match ops.request(0, &Message::RegionSummaryRequest, DEADLINE).await.unwrap() {
+        Message::RegionSummary(s) => *s,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Waits until the router's view of the region satisfies `check`.
+async fn until(ops: &Connection, check: impl Fn(&RegionSummary) -> bool) {
+    for _ in 0..1_000 {
+        if check(&summary(ops).await) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    panic!("the region never got there: {:?}", summary(ops).await);
+}
+
+/// Creates a tenant through the router and saves the credentials it hands back.
+async fn create_tenant(dir: &Path, ops: &Connection, id: &str, replicas: u32) {
+    let tenant = Tenant {
+        id: TenantId::new(id).unwrap(),
+        quota: Quota { cpu_milli: 100_000, memory_mib: 100_000, replicas, workloads: 10 },
+        home_cell: None,
+    };
+    let Message::TenantCreated(made) =
+        ops.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await.unwrap()
+    else {
+        panic!("no credentials")
+    };
+    assert!(made.tenant.home_cell.is_some());
+    let credentials = Credentials {
+        certificate: made.certificate_der.into(),
+        key: made.key_der.into(),
+        identity: Identity::Client { tenant: TenantId::new(id).unwrap(), role: Role::Tenant },
+    };
+    credentials.save(&dir.join("pki"), id).unwrap();
+}
+
+fn spec(name: &str, replicas: u32, cpu_milli: u32, image: &str) -> WorkloadSpec {
+    WorkloadSpec {
+        name: WorkloadName::new(name).unwrap(),
+        kind: WorkloadKind::Container(ContainerSpec {
+            image: image.into(),
+            command: vec![],
+            env: Default::default(),
+        }),
+        controller: Controller::Replicated,
+        replicas,
+        resources: Resources { cpu_milli, memory_mib: 100, disk_gib: 0, gpus: 0 },
+        placement: Placement::default(),
+        update: Default::default(),
+    }
+}
+
+fn apply(tenant: &str, key: u8, spec: WorkloadSpec) -> Message {
+    Message::Apply(Box::new(Apply {
+        tenant: TenantId::new(tenant).unwrap(),
+        idempotency_key: [key; 16],
+        spec,
+    }))
+}
+
+fn target(tenant: &str, workload: &str) -> Box<WorkloadRef> {
+    Box::new(WorkloadRef {
+        tenant: TenantId::new(tenant).unwrap(),
+        workload: WorkloadName::new(workload).unwrap(),
+    })
+}
+
+fn refusal(answer: Result<Message, TransportError>) -> ErrorReply {
+    match answer {
+        Err(TransportError::Remote(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_routes_isolates_limits_overflows_and_survives_a_dead_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut region = start_region(dir.path());
+    let ops = as_client(dir.path(), &region, "ops").await;
+    until(&ops, |s| s.cells.len() == 3 && s.cells.iter().all(|(c, up)| *up && c.hosts[1] == 4))
+        .await;
+    create_tenant(dir.path(), &ops, "acme", 30).await;
+    create_tenant(dir.path(), &ops, "beta", 30).await;
+    let acme = as_client(dir.path(), &region, "acme").await;
+    let beta = as_client(dir.path(), &region, "beta").await;
+
+    // Routing: each tenant's call reaches the cell that holds its workload.
+    let done =
+        acme.request(0, &apply("acme", 1, spec("web", 2, 1_000, "acme-web")), DEADLINE).await;
+    assert!(matches!(done, Ok(Message::Done(_))), "{done:?}");
+    let done = beta.request(0, &apply("beta", 1, spec("web", 1, 500, "beta-web")), DEADLINE).await;
+    assert!(matches!(done, Ok(Message::Done(_))), "{done:?}");
+
+    // Isolation: the same name, two tenants, each sees only its own.
+    let Message::Workload(mine) =
+        beta.request(0, &Message::Get(target("beta", "web")), DEADLINE).await.unwrap()
+    else {
+        panic!("get")
+    };
+    assert!(matches!(&mine.spec.kind, WorkloadKind::Container(c) if c.image == "beta-web"));
+    let list = ListRequest { tenant: TenantId::new("beta").unwrap(), after: None, limit: 10 };
+    let Message::Workloads(page) =
+        beta.request(0, &Message::List(Box::new(list)), DEADLINE).await.unwrap()
+    else {
+        panic!("list")
+    };
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].tenant.as_str(), "beta");
+    let scale = Scale {
+        tenant: TenantId::new("acme").unwrap(),
+        workload: WorkloadName::new("web").unwrap(),
+        replicas: 0,
+    };
+    for attempt in [
+        Message::Get(target("acme", "web")),
+        Message::Delete(target("acme", "web")),
+        Message::Scale(Box::new(scale)),
+        Message::List(Box::new(ListRequest {
+            tenant: TenantId::new("acme").unwrap(),
+            after: None,
+            limit: 10,
+        })),
+    ] {
+        let refused = refusal(beta.request(0, &attempt, DEADLINE).await);
+        assert_eq!(refused.code, ErrorCode::Unauthorized);
+        assert!(
+            !refused.detail.contains("web"),
+            "a refusal revealed the object: {}",
+            refused.detail
+        );
+    }
+    assert!(
+        beta.watch(0, &Message::Watch(TenantId::new("acme").unwrap()))
+            .await
+            .unwrap()
+            .next()
+            .await
+            .unwrap()
+            .is_err()
+    );
+    // A name beta never used and a name only acme uses look the same to beta.
+    let ghost = refusal(beta.request(0, &Message::Get(target("beta", "ghost")), DEADLINE).await);
+    let only_acme = refusal(beta.request(0, &Message::Get(target("beta", "wide")), DEADLINE).await);
+    assert_eq!(ghost.code, only_acme.code);
+
+    // Quota: refused whole, nothing partial.
+    let big =
+        refusal(acme.request(0, &apply("acme", 2, spec("big", 40, 100, "x")), DEADLINE).await);
+    assert_eq!(big.code, ErrorCode::QuotaExceeded);
+    let none = refusal(acme.request(0, &Message::Get(target("acme", "big")), DEADLINE).await);
+    assert_eq!(none.code, ErrorCode::NotFound);
+
+    // Overflow: more than the home cell has free goes to another cloud cell.
+    until(&ops, |s| s.cells.iter().any(|(c, _)| c.cpu_milli[1] >= 2_000)).await;
+    let wide = spec("wide", 10, 1_500, "wide");
+    let explain = Message::Explain(Box::new(Apply {
+        tenant: TenantId::new("acme").unwrap(),
+        idempotency_key: [0; 16],
+        spec: wide.clone(),
+    }));
+    let Message::Explanation(why) = acme.request(0, &explain, DEADLINE).await.unwrap() else {
+        panic!("explain")
+    };
+    assert!(why.overflow, "{why:?}");
+    let overflow_cell = why.chosen.clone().unwrap();
+    assert!(acme.request(0, &apply("acme", 3, wide), DEADLINE).await.is_ok());
+    let Message::Workload(wide) =
+        acme.request(0, &Message::Get(target("acme", "wide")), DEADLINE).await.unwrap()
+    else {
+        panic!("get wide")
+    };
+    assert_eq!(wide.replicas.len(), 10);
+
+    // Edge placement: a latency target picks the edge cell; an impossible one is explained.
+    let mut near = spec("near", 1, 100, "near");
+    near.placement.latency =
+        vec![LatencyTarget { source: Name::new("users-eu").unwrap(), max_ms: 10 }];
+    assert!(acme.request(0, &apply("acme", 4, near.clone()), DEADLINE).await.is_ok());
+    let explain = Message::Explain(Box::new(Apply {
+        tenant: TenantId::new("acme").unwrap(),
+        idempotency_key: [0; 16],
+        spec: near.clone(),
+    }));
+    let Message::Explanation(why) = acme.request(0, &explain, DEADLINE).await.unwrap() else {
+        panic!("explain")
+    };
+    assert_eq!(why.chosen.unwrap().as_str(), "c3");
+    let mut impossible = spec("impossible", 1, 100, "x");
+    impossible.placement.latency =
+        vec![LatencyTarget { source: Name::new("users-eu").unwrap(), max_ms: 1 }];
+    let no = refusal(acme.request(0, &apply("acme", 5, impossible), DEADLINE).await);
+    assert!(
+        no.detail.contains("c3 (site edge-fra): 4 ms to users-eu, at most 1 allowed"),
+        "{}",
+        no.detail
+    );
+    assert!(no.detail.contains("c1 (site dc-1): 30 ms to users-eu"), "{}", no.detail);
+
+    // Rate limiting: a burst past the bucket is refused, typed.
+    let mut limited = 0;
+    for _ in 0..80 {
+        if let Err(TransportError::Remote(e)) =
+            beta.request(0, &Message::Get(target("beta", "web")), DEADLINE).await
+            && e.code == ErrorCode::RateLimited
+        {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "80 calls at once never hit a 40-call burst");
+    tokio::time::sleep(Duration::from_secs(3)).await; // the bucket refills
+
+    // A dead cell fails its own objects fast and nobody else's.
+    let c3 = region.cells.remove(2);
+    drop(c3);
+    until(&ops, |s| s.cells.iter().any(|(c, up)| c.cell.as_str() == "c3" && !up)).await;
+    let started = std::time::Instant::now();
+    let down = refusal(acme.request(0, &Message::Get(target("acme", "near")), DEADLINE).await);
+    assert_eq!(down.code, ErrorCode::Unavailable);
+    assert!(down.detail.contains("cell c3 unavailable"), "{}", down.detail);
+    assert!(started.elapsed() < DEADLINE, "a dead cell's calls must not wait out the deadline");
+    assert!(acme.request(0, &Message::Get(target("acme", "web")), DEADLINE).await.is_ok());
+    assert!(
+        acme.request(
+            0,
+            &Message::Get(Box::new(WorkloadRef {
+                tenant: TenantId::new("acme").unwrap(),
+                workload: WorkloadName::new("wide").unwrap()
+            })),
+            DEADLINE
+        )
+        .await
+        .is_ok()
+    );
+    assert!(beta.request(0, &Message::Get(target("beta", "web")), DEADLINE).await.is_ok());
+    let _ = overflow_cell;
+}
