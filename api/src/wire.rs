@@ -177,6 +177,29 @@ wire! {
         RegionSummaryRequest,
         /// Every cell's last summary, and whether it answered.
         RegionSummary(Box<RegionSummary>),
+        /// Move workloads off a cell (operator); at most `moves_max` per call, so a drain is
+        /// interrupted by not calling again and resumed by calling again.
+        Drain(Box<DrainRequest>),
+        /// How far a drain has come.
+        DrainProgress(Box<DrainProgress>),
+    }
+
+    /// Move workloads off a cell.
+    pub struct DrainRequest {
+        /// The cell to empty.
+        pub cell: CellId,
+        /// Most workloads moved by this call.
+        pub moves_max: u32,
+    }
+
+    /// How far a drain has come.
+    pub struct DrainProgress {
+        /// Workloads moved by this call.
+        pub moved: u32,
+        /// Workloads still on the cell.
+        pub remaining: u32,
+        /// Workloads that could not move, and why (they stay where they run).
+        pub failed: Vec<(TenantId, WorkloadName, String)>,
     }
 
     /// A tenant, made.
@@ -463,6 +486,12 @@ impl Validate for Message {
             Message::RegionSummary(r) => {
                 r.cells.iter().try_for_each(|(s, _)| s.cell.0.check("summary.cell"))
             }
+            Message::Drain(d) => d.cell.0.check("drain.cell"),
+            Message::DrainProgress(p) => p.failed.iter().try_for_each(|(t, w, why)| {
+                t.0.check("drain.tenant")?;
+                w.0.check("drain.workload")?;
+                check_len("drain.reason", why.len(), DETAIL_LEN_MAX)
+            }),
             Message::Done(_)
             | Message::SummaryRequest
             | Message::RegionSummaryRequest

@@ -401,3 +401,108 @@ async fn a_region_routes_isolates_limits_overflows_and_survives_a_dead_cell() {
     assert!(beta.request(0, &Message::Get(target("beta", "web")), DEADLINE).await.is_ok());
     let _ = overflow_cell;
 }
+
+/// Waits until every replica of `name` runs, asking as `client`.
+async fn until_running(client: &Connection, tenant: &str, name: &str) {
+    for _ in 0..600 {
+        if let Ok(Message::Workload(w)) =
+            client.request(0, &Message::Get(target(tenant, name)), DEADLINE).await
+            && w.replicas
+                .iter()
+                .all(|r| r.host.is_some() && r.phase == cellplane_api::ReplicaPhase::Running)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name} never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_cell_hands_every_workload_on_none_lost_none_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = start_region(dir.path());
+    let ops = as_client(dir.path(), &region, "ops").await;
+    until(&ops, |s| s.cells.len() == 3 && s.cells.iter().all(|(c, up)| *up && c.hosts[1] == 4))
+        .await;
+    create_tenant(dir.path(), &ops, "acme", 30).await;
+    let acme = as_client(dir.path(), &region, "acme").await;
+    let names = ["a", "b", "c", "d", "db"];
+    for (i, name) in names.iter().enumerate() {
+        let mut s = spec(name, 2, 200, "app");
+        if *name == "db" {
+            s.controller = Controller::Stateful;
+        }
+        let done = acme.request(0, &apply("acme", i as u8 + 1, s), DEADLINE).await;
+        assert!(matches!(done, Ok(Message::Done(_))), "{done:?}");
+    }
+    for name in names {
+        until_running(&acme, "acme", name).await;
+    }
+    let home = |s: &RegionSummary| {
+        s.cells.iter().find(|(c, _)| c.workloads == 5).map(|(c, _)| c.cell.clone())
+    };
+    until(&ops, |s| home(s).is_some()).await;
+    let from = home(&summary(&ops).await).unwrap();
+
+    // Under load: a reader keeps asking for every workload while the cell drains.
+    let reader = {
+        let acme = as_client(dir.path(), &region, "acme").await;
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for round in 0..40 {
+                let name = names[round % names.len()];
+                if let Err(e) = acme.request(0, &Message::Get(target("acme", name)), DEADLINE).await
+                {
+                    failures.push(format!("{name}: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            failures
+        })
+    };
+    // Interrupted after two moves, resumed by asking again.
+    let drain = |moves_max| {
+        Message::Drain(Box::new(cellplane_api::wire::DrainRequest {
+            cell: from.clone(),
+            moves_max,
+        }))
+    };
+    let Message::DrainProgress(first) =
+        ops.request(0, &drain(2), Duration::from_secs(120)).await.unwrap()
+    else {
+        panic!("drain")
+    };
+    assert_eq!((first.moved, first.remaining), (2, 3), "{first:?}");
+    let Message::DrainProgress(rest) =
+        ops.request(0, &drain(100), Duration::from_secs(120)).await.unwrap()
+    else {
+        panic!("drain")
+    };
+    assert_eq!((rest.moved, rest.remaining), (3, 0), "{rest:?}");
+    assert!(rest.failed.is_empty());
+    assert!(reader.await.unwrap().is_empty(), "calls failed during the drain");
+
+    // Every workload runs elsewhere, once.
+    for name in names {
+        until_running(&acme, "acme", name).await;
+    }
+    until(&ops, |s| {
+        let on = |cell: &cellplane_api::CellId| {
+            s.cells.iter().find(|(c, _)| &c.cell == cell).map_or(0, |(c, _)| c.workloads)
+        };
+        on(&from) == 0 && s.cells.iter().map(|(c, _)| c.workloads).sum::<u32>() == 5
+    })
+    .await;
+    // The drained cell takes nothing new.
+    let explain = Message::Explain(Box::new(Apply {
+        tenant: TenantId::new("acme").unwrap(),
+        idempotency_key: [0; 16],
+        spec: spec("new", 1, 100, "x"),
+    }));
+    let Message::Explanation(why) = acme.request(0, &explain, DEADLINE).await.unwrap() else {
+        panic!("explain")
+    };
+    assert_ne!(why.chosen.as_ref(), Some(&from));
+    assert!(why.rejected.iter().any(|(c, _, reason)| c == &from && reason == "cell draining"));
+}

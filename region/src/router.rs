@@ -15,14 +15,14 @@
 //! - tenant identity comes from the caller's certificate only; quotas are checked here and
 //!   again by the cell; each tenant has a token bucket (`rate_per_s`, `burst`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{
-    Apply, CellSummary, ErrorCode, ErrorReply, Explanation, ListRequest, Message, RegionSummary,
-    TenantCreated, WorkloadList,
+    Apply, CellSummary, DrainProgress, DrainRequest, ErrorCode, ErrorReply, Explanation,
+    ListRequest, Message, RegionSummary, TenantCreated, WorkloadList, WorkloadRef,
 };
 use cellplane_api::{CellId, Name, Site, SiteId, Tenant, TenantId, Usage, Validate, WorkloadName};
 use cellplane_storage::keyspace::{self, Subspace};
@@ -133,6 +133,8 @@ pub struct Router {
     cells: Vec<CellLink>,
     directory: RwLock<HashMap<TenantId, TenantEntry>>,
     buckets: Mutex<HashMap<TenantId, TokenBucket>>,
+    /// Cells being emptied: they take nothing new.
+    draining: RwLock<BTreeSet<CellId>>,
     ca: Option<CertificateAuthority>,
     start: Instant,
     /// Directory changes in this replica go one at a time (across replicas, transactions
@@ -192,6 +194,7 @@ impl Router {
                 cell: entry.id.clone(),
                 site: entry.site.clone(),
                 healthy: false,
+                draining: false,
                 free_cpu_milli: 0,
                 free_memory_mib: 0,
             };
@@ -206,6 +209,7 @@ impl Router {
             cells,
             directory: RwLock::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            draining: RwLock::new(BTreeSet::new()),
             ca,
             start: Instant::now(),
             changes: tokio::sync::Mutex::new(()),
@@ -240,8 +244,16 @@ impl Router {
                 entry.placed.insert(workload, placed);
             }
         }
+        let draining = self.space.subspace(&("draining",));
+        let mut cells = BTreeSet::new();
+        for (key, _) in tx.get_range(&keyspace::range_of(&draining)).await?.rows {
+            let (cell,): (String,) =
+                draining.unpack(&key).map_err(|e| StorageError::Corrupt(format!("drain: {e}")))?;
+            cells.insert(CellId::new(&cell).map_err(|e| StorageError::Corrupt(e.to_string()))?);
+        }
         tx.cancel();
         *write(&self.directory) = directory;
+        *write(&self.draining) = cells;
         Ok(())
     }
 
@@ -276,7 +288,14 @@ impl Router {
     }
 
     fn views(&self) -> Vec<CellView> {
-        self.cells.iter().map(|l| read(&l.view).0.clone()).collect()
+        let draining = read(&self.draining);
+        self.cells
+            .iter()
+            .map(|l| CellView {
+                draining: draining.contains(&l.entry.id),
+                ..read(&l.view).0.clone()
+            })
+            .collect()
     }
 
     fn link(&self, cell: &CellId) -> Option<&CellLink> {
@@ -341,6 +360,10 @@ impl Router {
             Message::Apply(apply) => {
                 self.authorize(peer, &apply.tenant)?;
                 self.apply(*apply).await
+            }
+            Message::Drain(request) => {
+                operator_only(peer)?;
+                self.drain(*request).await
             }
             Message::Explain(apply) => {
                 self.authorize(peer, &apply.tenant)?;
@@ -502,20 +525,29 @@ impl Router {
                 Explanation { chosen: chosen.clone(), overflow: false, rejected: vec![] };
             return Ok((explanation, chosen));
         }
+        drop(directory);
+        self.choose_new(apply).map(|explanation| (explanation, None))
+    }
+
+    /// Where `apply` would go if it were new (a drain's target: never a draining cell).
+    fn choose_new(&self, apply: &Apply) -> Result<Explanation, ErrorReply> {
+        let home =
+            read(&self.directory).get(&apply.tenant).and_then(|e| e.tenant.home_cell.clone());
         let r = reserved(&apply.spec);
         let demand = Demand { cpu_milli: r.cpu_milli, memory_mib: r.memory_mib };
-        let home = entry.tenant.home_cell.as_ref();
         let views = self.views();
-        match placement::choose_cell(&self.sites, &views, home, &apply.spec.placement, demand) {
+        match placement::choose_cell(
+            &self.sites,
+            &views,
+            home.as_ref(),
+            &apply.spec.placement,
+            demand,
+        ) {
             Ok(choice) => {
                 let rejected =
                     choice.rejected.into_iter().map(|r| (r.cell, r.site, r.reason)).collect();
-                let explanation = Explanation {
-                    chosen: Some(choice.cell.clone()),
-                    overflow: choice.overflow,
-                    rejected,
-                };
-                Ok((explanation, None))
+                let chosen = Some(choice.cell);
+                Ok(Explanation { chosen, overflow: choice.overflow, rejected })
             }
             Err(none) => Err(refuse(ErrorCode::Unavailable, none.to_string())),
         }
@@ -661,6 +693,200 @@ impl Router {
         Ok(Message::Workloads(Box::new(WorkloadList { items, more })))
     }
 
+    /// Moves up to `moves_max` workloads off a cell; the cell takes nothing new from now on.
+    ///
+    /// Each move is recorded (`("region", r, "moving", t, w)` → spec, from, to) before anything
+    /// changes, so a drain interrupted anywhere — the router killed, the operator not calling
+    /// again — is finished by the next call. Replicated workloads move make-before-break: the
+    /// copy runs in the target before the source's stops. Stateful ones move break-before-make,
+    /// so that no ordinal ever runs in two cells.
+    async fn drain(&self, request: DrainRequest) -> Result<Message, ErrorReply> {
+        let from = request.cell;
+        if self.link(&from).is_none() {
+            return Err(refuse(ErrorCode::NotFound, format!("no cell {from} in this region")));
+        }
+        let key = self.space.pack(&("draining", from.as_str()));
+        self.db
+            .run(|tx| {
+                let key = key.clone();
+                async move { tx.set(&key, b"1") }
+            })
+            .await
+            .map_err(storage)?;
+        write(&self.draining).insert(from.clone());
+        // Moves an interrupted drain left half done come first: their workloads may already
+        // be listed at the target while the source still runs them.
+        let mut work = self.pending_moves(&from).await?;
+        for found in self.on_cell(&from) {
+            if !work.contains(&found) {
+                work.push(found);
+            }
+        }
+        let mut moved = 0;
+        let mut failed = Vec::new();
+        for (tenant, workload) in work.into_iter().take(request.moves_max as usize) {
+            match self.move_workload(&tenant, &workload, &from).await {
+                Ok(()) => moved += 1,
+                Err(e) => failed.push((tenant, workload, e.detail)),
+            }
+        }
+        let remaining = self.on_cell(&from).len() as u32;
+        Ok(Message::DrainProgress(Box::new(DrainProgress { moved, remaining, failed })))
+    }
+
+    async fn pending_moves(
+        &self,
+        from: &CellId,
+    ) -> Result<Vec<(TenantId, WorkloadName)>, ErrorReply> {
+        let space = self.space.subspace(&("moving",));
+        let rows = self
+            .db
+            .run(|tx| {
+                let range = keyspace::range_of(&space);
+                async move { tx.get_range(&range).await }
+            })
+            .await
+            .map_err(storage)?
+            .rows;
+        let mut pending = Vec::new();
+        for (key, value) in rows {
+            let Ok(moving) = serde_json::from_slice::<Moving>(&value) else { continue };
+            let Ok((tenant, workload)) = space.unpack::<(String, String)>(&key) else { continue };
+            if &moving.from == from
+                && let (Ok(t), Ok(w)) = (TenantId::new(&tenant), WorkloadName::new(&workload))
+            {
+                pending.push((t, w));
+            }
+        }
+        Ok(pending)
+    }
+
+    fn on_cell(&self, cell: &CellId) -> Vec<(TenantId, WorkloadName)> {
+        let directory = read(&self.directory);
+        let mut found = Vec::new();
+        for (tenant, entry) in directory.iter() {
+            for (workload, placed) in &entry.placed {
+                if &placed.cell == cell {
+                    found.push((tenant.clone(), workload.clone()));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    async fn move_workload(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadName,
+        from: &CellId,
+    ) -> Result<(), ErrorReply> {
+        let moving_key = self.space.pack(&("moving", tenant.as_str(), workload.as_str()));
+        let pending: Option<Moving> = self
+            .db
+            .run(|tx| {
+                let key = moving_key.clone();
+                async move { tx.get(&key).await }
+            })
+            .await
+            .map_err(storage)?
+            .and_then(|v| serde_json::from_slice(&v).ok());
+        let target = workload_target(tenant, workload);
+        let moving = match pending {
+            Some(moving) => moving, // an interrupted move: finish it as it was decided
+            None => {
+                let spec = match self.ask(from, &Message::Get(target.clone())).await? {
+                    Message::Workload(status) => status.spec,
+                    other => return Err(refuse(ErrorCode::Unavailable, format!("{other:?}"))),
+                };
+                let probe = Apply { tenant: tenant.clone(), idempotency_key: [0; 16], spec };
+                let choice = self.choose_new(&probe)?;
+                let to = choice.chosen.expect("a choice names a cell");
+                let moving = Moving { spec: probe.spec, from: from.clone(), to };
+                let value = serde_json::to_vec(&moving).expect("a record serializes");
+                self.db
+                    .run(|tx| {
+                        let (key, value) = (moving_key.clone(), value.clone());
+                        async move { tx.set(&key, &value) }
+                    })
+                    .await
+                    .map_err(storage)?;
+                moving
+            }
+        };
+        let to = moving.to.clone();
+        let tenant_record = read(&self.directory)[tenant].tenant.clone();
+        self.ask(&to, &Message::PutTenant(Box::new(tenant_record))).await?;
+        let apply = Message::Apply(Box::new(Apply {
+            tenant: tenant.clone(),
+            idempotency_key: move_key(tenant, workload, &to),
+            spec: moving.spec.clone(),
+        }));
+        let stateful = moving.spec.controller == cellplane_api::Controller::Stateful;
+        if stateful {
+            self.ask_absent(from, &Message::Delete(target.clone())).await?;
+        }
+        self.ask(&to, &apply).await?;
+        self.until_running(&to, &target, moving.spec.replicas).await?;
+        let placed = Placed { cell: to.clone(), reserved: reserved(&moving.spec) };
+        self.record(tenant, workload, Some(placed)).await?;
+        if !stateful {
+            self.ask_absent(from, &Message::Delete(target)).await?;
+        }
+        self.db
+            .run(|tx| {
+                let key = moving_key.clone();
+                async move { tx.clear(&key) }
+            })
+            .await
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Asks `cell` to do `message`; "not found" counts as done (a retried delete).
+    async fn ask_absent(&self, cell: &CellId, message: &Message) -> Result<(), ErrorReply> {
+        match self.ask(cell, message).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until every replica of a workload runs in `cell`.
+    async fn until_running(
+        &self,
+        cell: &CellId,
+        target: &WorkloadRef,
+        replicas: u32,
+    ) -> Result<(), ErrorReply> {
+        let deadline =
+            Instant::now() + Duration::from_millis(self.config.limits.call_deadline_ms * 6);
+        loop {
+            if let Message::Workload(status) =
+                self.ask(cell, &Message::Get(Box::new(target.clone()))).await?
+            {
+                let running = status
+                    .replicas
+                    .iter()
+                    .filter(|r| r.host.is_some() && r.phase == cellplane_api::ReplicaPhase::Running)
+                    .count();
+                if running == replicas as usize {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(refuse(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{} did not run in cell {cell} in time; it stays where it was",
+                        target.workload
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Serves what arrives from the transport until the channel closes.
     pub async fn serve(self: Arc<Self>, mut inbound: mpsc::Receiver<cellplane_transport::Inbound>) {
         use cellplane_transport::Reply;
@@ -690,6 +916,32 @@ impl Router {
             });
         }
     }
+}
+
+/// A move in progress, recorded before it starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Moving {
+    spec: cellplane_api::WorkloadSpec,
+    from: CellId,
+    to: CellId,
+}
+
+fn workload_target(tenant: &TenantId, workload: &WorkloadName) -> Box<WorkloadRef> {
+    Box::new(WorkloadRef { tenant: tenant.clone(), workload: workload.clone() })
+}
+
+/// The idempotency key of a move: the same move retried is the same apply.
+fn move_key(tenant: &TenantId, workload: &WorkloadName, to: &CellId) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    // FNV-1a over the three names, twice with different seeds: stable across processes.
+    for (half, seed) in [(0usize, 0xcbf2_9ce4_8422_2325u64), (8, 0x8422_2325_cbf2_9ce4)] {
+        let mut hash = seed;
+        for byte in ["move", tenant.as_str(), workload.as_str(), to.as_str()].join("/").bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        key[half..half + 8].copy_from_slice(&hash.to_le_bytes());
+    }
+    key
 }
 
 fn operator_only(peer: &Identity) -> Result<(), ErrorReply> {

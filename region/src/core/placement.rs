@@ -32,6 +32,8 @@ pub struct CellView {
     pub site: SiteId,
     /// Whether it answers (its last summary is fresh).
     pub healthy: bool,
+    /// Whether an operator is emptying it: it takes nothing new.
+    pub draining: bool,
     /// Free CPU on ready hosts, in thousandths of a core.
     pub free_cpu_milli: u64,
     /// Free memory on ready hosts, in MiB.
@@ -168,6 +170,9 @@ fn judge(
     if !cell.healthy {
         return Err("cell unavailable".into());
     }
+    if cell.draining {
+        return Err("cell draining".into());
+    }
     if demand.cpu_milli > cell.free_cpu_milli || demand.memory_mib > cell.free_memory_mib {
         return Err(format!(
             "needs {} mCPU and {} MiB, has {} and {} free",
@@ -208,6 +213,7 @@ mod tests {
             cell: CellId::new(c).unwrap(),
             site: SiteId::new(s).unwrap(),
             healthy: true,
+            draining: false,
             free_cpu_milli: free,
             free_memory_mib: free,
         };
