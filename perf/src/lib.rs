@@ -7,6 +7,7 @@
 //! cargo run --release -p cellplane-perf --bin bench-wire
 //! cargo run --release -p cellplane-perf --bin bench-cell
 //! cargo build --release -p cellplane && cargo run --release -p cellplane-perf --bin bench-fleet
+//! cargo build --release -p cellplane && cargo run --release -p cellplane-perf --bin bench-router
 //! ```
 #![deny(missing_docs)]
 

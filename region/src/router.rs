@@ -28,6 +28,7 @@ use cellplane_api::{CellId, Name, Site, SiteId, Tenant, TenantId, Usage, Validat
 use cellplane_storage::keyspace::{self, Subspace};
 use cellplane_storage::{Database, StorageError};
 use cellplane_transport::{Backoff, CertificateAuthority, Identity, Peer, Role, Setup};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -83,6 +84,9 @@ pub struct RouterConfig {
     #[serde(default)]
     pub limits: RouterLimits,
 }
+
+/// Workloads a drain moves at once.
+const MOVES_AT_ONCE: usize = 16;
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7_000))
@@ -464,6 +468,11 @@ impl Router {
         self.admit(tenant)
     }
 
+    /// The cell that holds a workload, from the cache: what every routed call costs.
+    pub fn route(&self, tenant: &TenantId, workload: &WorkloadName) -> Result<CellId, ErrorReply> {
+        self.placed(tenant, workload).map(|(cell, _)| cell)
+    }
+
     fn placed(
         &self,
         tenant: &TenantId,
@@ -608,7 +617,15 @@ impl Router {
     async fn put_tenant(&self, mut tenant: Tenant) -> Result<Message, ErrorReply> {
         let _one = self.changes.lock().await;
         let existing = read(&self.directory).get(&tenant.id).map(|e| e.tenant.clone());
-        tenant.home_cell = match existing.as_ref().and_then(|t| t.home_cell.clone()) {
+        // A tenant keeps its home; an operator may name one for a new tenant; else the cell
+        // with the most room.
+        let named = tenant.home_cell.take();
+        if let Some(cell) = &named
+            && self.link(cell).is_none()
+        {
+            return Err(refuse(ErrorCode::Invalid, format!("no cell {cell} in this region")));
+        }
+        tenant.home_cell = match existing.as_ref().and_then(|t| t.home_cell.clone()).or(named) {
             Some(home) => Some(home),
             None => {
                 let views = self.views();
@@ -724,8 +741,16 @@ impl Router {
         }
         let mut moved = 0;
         let mut failed = Vec::new();
-        for (tenant, workload) in work.into_iter().take(request.moves_max as usize) {
-            match self.move_workload(&tenant, &workload, &from).await {
+        let moves = work.into_iter().take(request.moves_max as usize).map(|(tenant, workload)| {
+            let from = &from;
+            async move {
+                let outcome = self.move_workload(&tenant, &workload, from).await;
+                (tenant, workload, outcome)
+            }
+        });
+        let mut moves = futures_util::stream::iter(moves).buffer_unordered(MOVES_AT_ONCE);
+        while let Some((tenant, workload, outcome)) = moves.next().await {
+            match outcome {
                 Ok(()) => moved += 1,
                 Err(e) => failed.push((tenant, workload, e.detail)),
             }
@@ -861,6 +886,7 @@ impl Router {
     ) -> Result<(), ErrorReply> {
         let deadline =
             Instant::now() + Duration::from_millis(self.config.limits.call_deadline_ms * 6);
+        let mut wait_ms = 5;
         loop {
             if let Message::Workload(status) =
                 self.ask(cell, &Message::Get(Box::new(target.clone()))).await?
@@ -883,7 +909,8 @@ impl Router {
                     ),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            wait_ms = (wait_ms * 2).min(50);
         }
     }
 
