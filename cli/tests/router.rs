@@ -506,3 +506,73 @@ async fn a_drained_cell_hands_every_workload_on_none_lost_none_doubled() {
     assert_ne!(why.chosen.as_ref(), Some(&from));
     assert!(why.rejected.iter().any(|(c, _, reason)| c == &from && reason == "cell draining"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_router_replicas_on_one_directory_route_alike() {
+    use cellplane_region::{Router, RouterConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let region = start_region(dir.path());
+    let ops_link = as_client(dir.path(), &region, "ops").await;
+    until(&ops_link, |s| s.cells.len() == 3 && s.cells.iter().all(|(_, up)| *up)).await;
+    // Two more replicas, in this process, sharing one directory store (as replicas sharing a
+    // FoundationDB cluster would).
+    let config: RouterConfig =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("region.toml")).unwrap()).unwrap();
+    let pki = dir.path().join("pki");
+    let ca = cellplane_transport::identity::load_ca_certificate(&pki).unwrap();
+    let setup = Setup::new(Credentials::load(&pki, "router").unwrap(), ca);
+    let db = cellplane_storage::Database::open_embedded(&dir.path().join("replicas")).unwrap();
+    let authority = CertificateAuthority::load(&pki).ok();
+    let a = Router::start(config.clone(), db.clone(), setup.clone(), authority).await.unwrap();
+    let b = Router::start(config, db, setup, None).await.unwrap();
+    let ops = Identity::Client { tenant: TenantId::new("ops").unwrap(), role: Role::Operator };
+    for router in [&a, &b] {
+        for _ in 0..200 {
+            if let Ok(Message::RegionSummary(s)) =
+                router.call(&ops, Message::RegionSummaryRequest).await
+                && s.cells.iter().filter(|(_, up)| *up).count() == 3
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // A tenant made through one replica is known to the other.
+    let tenant = Tenant {
+        id: TenantId::new("acme").unwrap(),
+        quota: Quota { cpu_milli: 100_000, memory_mib: 100_000, replicas: 30, workloads: 10 },
+        home_cell: None,
+    };
+    assert!(matches!(
+        a.call(&ops, Message::PutTenant(Box::new(tenant))).await,
+        Ok(Message::TenantCreated(_))
+    ));
+    assert!(b.call(&ops, apply("acme", 1, spec("web", 1, 100, "web"))).await.is_ok());
+    assert!(matches!(
+        a.call(&ops, Message::Get(target("acme", "web"))).await,
+        Ok(Message::Workload(_))
+    ));
+
+    // Both place the same new workload at once: one choice stands, in both.
+    let (ya, yb) = tokio::join!(
+        a.call(&ops, apply("acme", 2, spec("y", 2, 100, "y"))),
+        b.call(&ops, apply("acme", 3, spec("y", 2, 100, "y"))),
+    );
+    assert!(ya.is_ok() && yb.is_ok(), "{ya:?} {yb:?}");
+    assert!(b.call(&ops, Message::Get(target("acme", "y"))).await.is_ok());
+    let name = WorkloadName::new("y").unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    assert_eq!(a.route(&acme, &name).unwrap(), b.route(&acme, &name).unwrap());
+    let Ok(Message::Workloads(page)) = a
+        .call(
+            &ops,
+            Message::List(Box::new(ListRequest { tenant: acme.clone(), after: None, limit: 10 })),
+        )
+        .await
+    else {
+        panic!("list")
+    };
+    let names: Vec<&str> = page.items.iter().map(|w| w.spec.name.as_str()).collect();
+    assert_eq!(names, ["web", "y"], "one y, in one cell");
+}

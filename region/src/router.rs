@@ -362,7 +362,7 @@ impl Router {
                 Ok(Message::RegionSummary(Box::new(RegionSummary { cells })))
             }
             Message::Apply(apply) => {
-                self.authorize(peer, &apply.tenant)?;
+                self.authorize(peer, &apply.tenant).await?;
                 self.apply(*apply).await
             }
             Message::Drain(request) => {
@@ -370,13 +370,13 @@ impl Router {
                 self.drain(*request).await
             }
             Message::Explain(apply) => {
-                self.authorize(peer, &apply.tenant)?;
+                self.authorize(peer, &apply.tenant).await?;
                 let (choice, _) = self.choose(&apply)?;
                 Ok(Message::Explanation(Box::new(choice)))
             }
             Message::Scale(scale) => {
-                self.authorize(peer, &scale.tenant)?;
-                let (cell, mut placed) = self.placed(&scale.tenant, &scale.workload)?;
+                self.authorize(peer, &scale.tenant).await?;
+                let (cell, mut placed) = self.locate(&scale.tenant, &scale.workload).await?;
                 let per_replica = |n: u64| n / placed.reserved.replicas.max(1);
                 let replicas = u64::from(scale.replicas);
                 let next = Reserved {
@@ -391,24 +391,24 @@ impl Router {
                 Ok(answer)
             }
             Message::Delete(target) => {
-                self.authorize(peer, &target.tenant)?;
-                let (cell, _) = self.placed(&target.tenant, &target.workload)?;
+                self.authorize(peer, &target.tenant).await?;
+                let (cell, _) = self.locate(&target.tenant, &target.workload).await?;
                 let answer = self.ask(&cell, &Message::Delete(target.clone())).await?;
                 self.record(&target.tenant, &target.workload, None).await?;
                 Ok(answer)
             }
             Message::Get(target) => {
-                self.authorize(peer, &target.tenant)?;
-                let (cell, _) = self.placed(&target.tenant, &target.workload)?;
+                self.authorize(peer, &target.tenant).await?;
+                let (cell, _) = self.locate(&target.tenant, &target.workload).await?;
                 self.ask(&cell, &Message::Get(target)).await
             }
             Message::VmAction(request) => {
-                self.authorize(peer, &request.tenant)?;
-                let (cell, _) = self.placed(&request.tenant, &request.workload)?;
+                self.authorize(peer, &request.tenant).await?;
+                let (cell, _) = self.locate(&request.tenant, &request.workload).await?;
                 self.ask(&cell, &Message::VmAction(request)).await
             }
             Message::List(request) => {
-                self.authorize(peer, &request.tenant)?;
+                self.authorize(peer, &request.tenant).await?;
                 self.list(*request).await
             }
             other => {
@@ -426,7 +426,7 @@ impl Router {
         let Message::Watch(tenant) = message else {
             return Err(refuse(ErrorCode::Invalid, "the router streams only watches"));
         };
-        self.authorize(peer, &tenant)?;
+        self.authorize(peer, &tenant).await?;
         let cells = self.cells_of(&tenant)?;
         let (sender, receiver) = mpsc::channel(4_096);
         for cell in cells {
@@ -450,7 +450,7 @@ impl Router {
         Ok(receiver)
     }
 
-    fn authorize(&self, peer: &Identity, tenant: &TenantId) -> Result<(), ErrorReply> {
+    async fn authorize(&self, peer: &Identity, tenant: &TenantId) -> Result<(), ErrorReply> {
         match peer {
             Identity::Client { role: Role::Operator, .. } => {}
             Identity::Client { tenant: own, role: Role::Tenant } if own == tenant => {}
@@ -462,10 +462,62 @@ impl Router {
             }
             _ => return Err(refuse(ErrorCode::Unauthorized, format!("{peer} is not a client"))),
         }
-        if !read(&self.directory).contains_key(tenant) {
+        let known = read(&self.directory).contains_key(tenant);
+        // Another replica may have made it: the cache is refreshed on a miss.
+        if !known && !self.refresh(tenant).await? {
             return Err(refuse(ErrorCode::NotFound, format!("unknown tenant {tenant}")));
         }
         self.admit(tenant)
+    }
+
+    /// Where a workload is: the cache, or — on a miss — storage (another replica may have
+    /// placed it).
+    async fn locate(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadName,
+    ) -> Result<(CellId, Placed), ErrorReply> {
+        match self.placed(tenant, workload) {
+            Err(miss) if miss.code == ErrorCode::NotFound => {
+                self.refresh(tenant).await?;
+                self.placed(tenant, workload)
+            }
+            found => found,
+        }
+    }
+
+    /// Reads one tenant's directory entries back from storage into the cache; `false` when
+    /// the tenant does not exist.
+    async fn refresh(&self, tenant: &TenantId) -> Result<bool, ErrorReply> {
+        let tenant_key = self.tenant_key(tenant);
+        let placements = self.space.subspace(&("placement", tenant.as_str()));
+        let (record, rows) = self
+            .db
+            .run(|tx| {
+                let (key, range) = (tenant_key.clone(), keyspace::range_of(&placements));
+                async move { Ok((tx.get(&key).await?, tx.get_range(&range).await?.rows)) }
+            })
+            .await
+            .map_err(storage)?;
+        let Some(record) = record else {
+            write(&self.directory).remove(tenant);
+            return Ok(false);
+        };
+        let corrupt = |e: String| refuse(ErrorCode::Unavailable, format!("corrupt directory: {e}"));
+        let tenant_record: Tenant =
+            serde_json::from_slice(&record).map_err(|e| corrupt(e.to_string()))?;
+        let mut placed = BTreeMap::new();
+        for (key, value) in rows {
+            let (workload,): (String,) =
+                placements.unpack(&key).map_err(|e| corrupt(e.to_string()))?;
+            let workload = WorkloadName::new(&workload).map_err(|e| corrupt(e.to_string()))?;
+            let entry: Placed =
+                serde_json::from_slice(&value).map_err(|e| corrupt(e.to_string()))?;
+            placed.insert(workload, entry);
+        }
+        write(&self.directory)
+            .insert(tenant.clone(), TenantEntry { tenant: tenant_record, placed });
+        Ok(true)
     }
 
     /// The cell that holds a workload, from the cache: what every routed call costs.
@@ -563,6 +615,9 @@ impl Router {
     }
 
     async fn apply(&self, apply: Apply) -> Result<Message, ErrorReply> {
+        if self.placed(&apply.tenant, &apply.spec.name).is_err() {
+            self.refresh(&apply.tenant).await?; // another replica may have placed it
+        }
         let next = reserved(&apply.spec);
         self.check_quota(&apply.tenant, &apply.spec.name, next)?;
         let (explanation, existing) = self.choose(&apply)?;
@@ -574,12 +629,48 @@ impl Router {
                 self.ask(&cell, &Message::PutTenant(Box::new(tenant))).await?;
             }
             let placed = Placed { cell: cell.clone(), reserved: next };
-            self.record(&apply.tenant, &apply.spec.name, Some(placed)).await?;
+            let placed = self.record_new(&apply.tenant, &apply.spec.name, placed).await?;
+            if placed.cell != cell {
+                // Another replica placed it first: its choice stands.
+                return self.ask(&placed.cell, &Message::Apply(Box::new(apply))).await;
+            }
         } else if let Ok((_, mut placed)) = self.placed(&apply.tenant, &apply.spec.name) {
             placed.reserved = next;
             self.record(&apply.tenant, &apply.spec.name, Some(placed)).await?;
         }
         self.ask(&cell, &Message::Apply(Box::new(apply))).await
+    }
+
+    /// Records a new placement unless one exists (another replica's, placed first): the one
+    /// stored wins, in one serializable transaction, and is returned.
+    async fn record_new(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadName,
+        placed: Placed,
+    ) -> Result<Placed, ErrorReply> {
+        let _one = self.changes.lock().await;
+        let key = self.placement_key(tenant, workload);
+        let value = serde_json::to_vec(&placed).expect("a record serializes");
+        let stored = self
+            .db
+            .run(|tx| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    match tx.get(&key).await? {
+                        Some(existing) => Ok(existing),
+                        None => tx.set(&key, &value).map(|()| value),
+                    }
+                }
+            })
+            .await
+            .map_err(storage)?;
+        let placed: Placed = serde_json::from_slice(&stored)
+            .map_err(|e| refuse(ErrorCode::Unavailable, format!("corrupt directory: {e}")))?;
+        if let Some(entry) = write(&self.directory).get_mut(tenant) {
+            entry.placed.insert(workload.clone(), placed.clone());
+        }
+        Ok(placed)
     }
 
     /// Writes (or clears) a placement, then updates the cache.
