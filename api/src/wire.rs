@@ -167,8 +167,8 @@ wire! {
         Power(Box<PowerCommand>),
         /// The router made a tenant: its record (home cell chosen) and its client credentials.
         TenantCreated(Box<TenantCreated>),
-        /// Remove an empty tenant from the region (operator).
-        DeleteTenant(TenantId),
+        /// Remove a tenant (operator): only when it has no workloads, unless `cascade`.
+        DeleteTenant(Box<DeleteTenant>),
         /// Ask the router where a workload would go, and why.
         Explain(Box<Apply>),
         /// Where a workload would go, and why every other cell would not.
@@ -200,6 +200,14 @@ wire! {
         pub remaining: u32,
         /// Workloads that could not move, and why (they stay where they run).
         pub failed: Vec<(TenantId, WorkloadName, String)>,
+    }
+
+    /// Remove a tenant.
+    pub struct DeleteTenant {
+        /// The tenant.
+        pub tenant: TenantId,
+        /// Delete its workloads first (else a tenant with workloads is refused).
+        pub cascade: bool,
     }
 
     /// A tenant, made.
@@ -475,7 +483,7 @@ impl Validate for Message {
                 check_len("heartbeats", beats.len(), HOSTS_PER_MESSAGE_MAX)
             }
             Message::TenantCreated(t) => t.tenant.validate(),
-            Message::DeleteTenant(t) => t.0.check("delete_tenant.tenant"),
+            Message::DeleteTenant(d) => d.tenant.0.check("delete_tenant.tenant"),
             Message::Explain(a) => {
                 a.tenant.0.check("explain.tenant")?;
                 a.spec.validate()

@@ -71,6 +71,10 @@ impl Gateway {
                 operator_only(peer)?;
                 self.shared.tell_workloads(workloads::Msg::PutTenant(tenant, reply))
             }
+            Message::DeleteTenant(request) => {
+                operator_only(peer)?;
+                self.shared.tell_workloads(workloads::Msg::DeleteTenant(request.tenant, reply))
+            }
             Message::SummaryRequest => {
                 operator_only(peer)?;
                 self.shared.tell_workloads(workloads::Msg::Summary(reply))

@@ -66,6 +66,8 @@ impl Default for Limits {
 pub enum Msg {
     /// Create or update a tenant (its quota).
     PutTenant(Box<Tenant>, Reply),
+    /// Remove a tenant that has no workloads left.
+    DeleteTenant(TenantId, Reply),
     /// Create or change a workload.
     Apply(Box<Apply>, Reply),
     /// Change a replica count.
@@ -225,6 +227,10 @@ impl Actor for Workloads {
                 let answer = state.put_tenant(*tenant, &mut outcome);
                 outcome.replies.push((reply, answer));
             }
+            Msg::DeleteTenant(tenant, reply) => {
+                let answer = state.delete_tenant(&tenant, &mut outcome);
+                outcome.replies.push((reply, answer));
+            }
             Msg::Apply(apply, reply) => {
                 let answer = state.apply(*apply, &mut outcome);
                 outcome.replies.push((reply, answer));
@@ -374,6 +380,31 @@ impl State {
                 self.tenants.insert(id, state);
             }
         }
+        Ok(Message::Done(0))
+    }
+
+    fn delete_tenant(
+        &mut self,
+        id: &TenantId,
+        outcome: &mut Outcome,
+    ) -> Result<Message, ErrorReply> {
+        let tenant = self
+            .tenants
+            .get(id)
+            .ok_or_else(|| refuse(ErrorCode::NotFound, format!("unknown tenant {id}")))?;
+        if !tenant.workloads.is_empty() {
+            let n = tenant.workloads.len();
+            return Err(refuse(ErrorCode::Invalid, format!("tenant {id} still has {n} workloads")));
+        }
+        outcome.writes.push(Write::Clear(records::tenant_key(&self.shared.config.cell, id)));
+        let mine: Vec<[u8; 16]> =
+            self.idempotency_order.iter().filter(|(t, _)| t == id).map(|(_, k)| *k).collect();
+        for key in mine {
+            outcome.writes.push(Write::Clear(records::idempotency_key(&tenant.keys, &key)));
+            self.idempotency.remove(&(id.clone(), key));
+        }
+        self.idempotency_order.retain(|(t, _)| t != id);
+        self.tenants.remove(id);
         Ok(Message::Done(0))
     }
 

@@ -505,6 +505,20 @@ async fn a_drained_cell_hands_every_workload_on_none_lost_none_doubled() {
     };
     assert_ne!(why.chosen.as_ref(), Some(&from));
     assert!(why.rejected.iter().any(|(c, _, reason)| c == &from && reason == "cell draining"));
+
+    // A tenant with workloads goes only with an explicit cascade, and then entirely.
+    let delete = |cascade| {
+        let request =
+            cellplane_api::wire::DeleteTenant { tenant: TenantId::new("acme").unwrap(), cascade };
+        Message::DeleteTenant(Box::new(request))
+    };
+    let refused = refusal(ops.request(0, &delete(false), DEADLINE).await);
+    assert_eq!(refused.code, ErrorCode::Invalid);
+    assert!(refused.detail.contains("5 workloads"), "{}", refused.detail);
+    assert!(matches!(ops.request(0, &delete(true), DEADLINE).await, Ok(Message::Done(_))));
+    let gone = refusal(acme.request(0, &Message::Get(target("acme", "a")), DEADLINE).await);
+    assert_eq!(gone.code, ErrorCode::NotFound);
+    until(&ops, |s| s.cells.iter().map(|(c, _)| c.workloads).sum::<u32>() == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{
-    Apply, CellSummary, DrainProgress, DrainRequest, ErrorCode, ErrorReply, Explanation,
-    ListRequest, Message, RegionSummary, TenantCreated, WorkloadList, WorkloadRef,
+    Apply, CellSummary, DeleteTenant, DrainProgress, DrainRequest, ErrorCode, ErrorReply,
+    Explanation, ListRequest, Message, RegionSummary, TenantCreated, WorkloadList, WorkloadRef,
 };
 use cellplane_api::{CellId, Name, Site, SiteId, Tenant, TenantId, Usage, Validate, WorkloadName};
 use cellplane_storage::keyspace::{self, Subspace};
@@ -345,9 +345,9 @@ impl Router {
                 operator_only(peer)?;
                 self.put_tenant(*tenant).await
             }
-            Message::DeleteTenant(tenant) => {
+            Message::DeleteTenant(request) => {
                 operator_only(peer)?;
-                self.delete_tenant(&tenant).await
+                self.delete_tenant(&request.tenant, request.cascade).await
             }
             Message::RegionSummaryRequest => {
                 operator_only(peer)?;
@@ -753,21 +753,35 @@ impl Router {
         })))
     }
 
-    async fn delete_tenant(&self, tenant: &TenantId) -> Result<Message, ErrorReply> {
-        let _one = self.changes.lock().await;
-        match read(&self.directory).get(tenant) {
-            None => return Err(refuse(ErrorCode::NotFound, format!("unknown tenant {tenant}"))),
-            Some(entry) if !entry.placed.is_empty() => {
-                return Err(refuse(
-                    ErrorCode::Invalid,
-                    format!(
-                        "tenant {tenant} still has {} workloads; delete them first",
-                        entry.placed.len()
-                    ),
-                ));
-            }
-            Some(_) => {}
+    async fn delete_tenant(&self, tenant: &TenantId, cascade: bool) -> Result<Message, ErrorReply> {
+        let (placed, cells) = {
+            let directory = read(&self.directory);
+            let entry = directory
+                .get(tenant)
+                .ok_or_else(|| refuse(ErrorCode::NotFound, format!("unknown tenant {tenant}")))?;
+            let placed: Vec<WorkloadName> = entry.placed.keys().cloned().collect();
+            (placed, self.cells_of(tenant)?)
+        };
+        if !placed.is_empty() && !cascade {
+            return Err(refuse(
+                ErrorCode::Invalid,
+                format!(
+                    "tenant {tenant} still has {} workloads; delete them first or cascade",
+                    placed.len()
+                ),
+            ));
         }
+        for workload in placed {
+            let (cell, _) = self.placed(tenant, &workload)?;
+            let target = workload_target(tenant, &workload);
+            self.ask_absent(&cell, &Message::Delete(target)).await?;
+            self.record(tenant, &workload, None).await?;
+        }
+        let request = DeleteTenant { tenant: tenant.clone(), cascade: false };
+        for cell in cells {
+            self.ask_absent(&cell, &Message::DeleteTenant(Box::new(request.clone()))).await?;
+        }
+        let _one = self.changes.lock().await;
         let key = self.tenant_key(tenant);
         self.db
             .run(|tx| {
