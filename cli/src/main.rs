@@ -11,6 +11,7 @@ use cellplane_transport::{CertificateAuthority, Identity, Role};
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cell;
+mod demo;
 mod host;
 mod hosts;
 mod router;
@@ -25,6 +26,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole region on this machine, exercise it and print a report: cells, simulated
+    /// fleets and the router as separate processes; two tenants; container and VM workloads,
+    /// replicated and stateful; a batch of hosts killed and their replicas re-placed; tenant
+    /// isolation checked. Cleans up everything it started.
+    Demo(demo::DemoArgs),
     /// Manage the region's certificate authority and component certificates.
     #[command(subcommand)]
     Pki(Pki),
@@ -161,6 +167,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cell { config, data, pki } => runtime()?.block_on(cell::serve(config, data, pki)),
         Command::Host(args) => runtime()?.block_on(host::serve(args)),
         Command::Hosts(args) => runtime()?.block_on(hosts::serve(args)),
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Router { config, data, pki, credentials } => {
             runtime()?.block_on(router::serve(config, data, pki, credentials))
         }

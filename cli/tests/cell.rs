@@ -449,3 +449,31 @@ async fn workloads_outlive_a_killed_cell_and_are_reconciled_not_restarted() {
     drop(agent);
     let _ = Command::new("kill").arg(pid.to_string()).status();
 }
+
+#[test]
+fn the_demo_brings_a_region_up_exercises_it_and_reports_json() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["demo", "--cells", "2", "--hosts", "400", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cells"], 2);
+    assert_eq!(report["hosts"], 400);
+    assert_eq!(report["isolation_checks_passed"], 4);
+    assert!(report["replicas"].as_u64().unwrap() > 0);
+    assert!(report["placements_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["hosts_killed"], 20);
+    // The demo fails unless every replica of the killed hosts was placed again.
+    assert!(report["replacement_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn the_demo_refuses_impossible_sizes_as_bad_input() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["demo", "--cells", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cells"));
+}
