@@ -21,6 +21,8 @@
 //! twice.
 #![deny(missing_docs)]
 
+pub mod manifest;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
