@@ -182,6 +182,10 @@ wire! {
         Drain(Box<DrainRequest>),
         /// How far a drain has come.
         DrainProgress(Box<DrainProgress>),
+        /// Ask the router for every tenant (operator).
+        TenantsRequest,
+        /// Every tenant of the region.
+        Tenants(Vec<Tenant>),
     }
 
     /// Move workloads off a cell.
@@ -500,8 +504,10 @@ impl Validate for Message {
                 w.0.check("drain.workload")?;
                 check_len("drain.reason", why.len(), DETAIL_LEN_MAX)
             }),
+            Message::Tenants(tenants) => tenants.iter().try_for_each(Validate::validate),
             Message::Done(_)
             | Message::SummaryRequest
+            | Message::TenantsRequest
             | Message::RegionSummaryRequest
             | Message::Synced(_) => Ok(()),
         }

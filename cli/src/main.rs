@@ -14,6 +14,7 @@ mod cell;
 mod demo;
 mod host;
 mod hosts;
+mod ops;
 mod router;
 
 /// cellplane: a control plane for hyperscale cloud regions.
@@ -31,6 +32,72 @@ enum Command {
     /// replicated and stateful; a batch of hosts killed and their replicas re-placed; tenant
     /// isolation checked. Cleans up everything it started.
     Demo(demo::DemoArgs),
+    /// Bring a local region up from a spec: router, cells and simulated fleets as separate
+    /// processes on the embedded store, with progress bars while hosts join. Returns once the
+    /// region is healthy; running it again starts only what is not running.
+    ///
+    /// The spec (TOML): `region`, `router` (address, default 127.0.0.1:7000), `[[sites]]`
+    /// (`id`, `kind`, `location`, `latency_ms`), `[[cells]]` (`id`, `site`, `listen`, `hosts`).
+    Up {
+        /// The region spec.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Where the region keeps everything.
+        #[arg(long, default_value = "cellplane-region")]
+        data: PathBuf,
+    },
+    /// Stop every process `cellplane up` started.
+    Down {
+        /// The region's data directory.
+        #[arg(long, default_value = "cellplane-region")]
+        data: PathBuf,
+    },
+    /// Show cells, hosts by state, tenants and utilisation.
+    Status {
+        /// The region's data directory.
+        #[arg(long, default_value = "cellplane-region")]
+        data: PathBuf,
+    },
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Apply a manifest (YAML: cellplane's own, Kubernetes Deployment/StatefulSet/Pod, KubeVirt
+    /// VirtualMachine; several documents are applied all or nothing).
+    Apply {
+        /// The manifest.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        at: TenantAt,
+    },
+    /// Show one workload, or list them all.
+    Get {
+        /// The workload (all when left out).
+        name: Option<String>,
+        #[command(flatten)]
+        at: TenantAt,
+    },
+    /// Delete a workload and stop its replicas.
+    Delete {
+        /// The workload.
+        name: String,
+        #[command(flatten)]
+        at: TenantAt,
+    },
+    /// Change a workload's replica count.
+    Scale {
+        /// The workload.
+        name: String,
+        /// The new count.
+        replicas: u32,
+        #[command(flatten)]
+        at: TenantAt,
+    },
+    /// Print a tenant's workload changes as they happen (until interrupted).
+    Watch {
+        #[command(flatten)]
+        at: TenantAt,
+    },
     /// Manage the region's certificate authority and component certificates.
     #[command(subcommand)]
     Pki(Pki),
@@ -85,6 +152,41 @@ enum Command {
         /// The stem of the router's credentials in --pki.
         #[arg(long, default_value = "router")]
         credentials: String,
+    },
+}
+
+/// Which tenant, in which region.
+#[derive(clap::Args)]
+struct TenantAt {
+    /// The tenant (its credentials are in DATA/pki).
+    #[arg(long)]
+    tenant: String,
+    /// The region's data directory.
+    #[arg(long, default_value = "cellplane-region")]
+    data: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant; its client credentials are written to DATA/pki/NAME.crt and .key.
+    Create {
+        /// The tenant's name (a DNS label).
+        name: String,
+        /// The region's data directory.
+        #[arg(long, default_value = "cellplane-region")]
+        data: PathBuf,
+        /// CPU quota, in thousandths of a core.
+        #[arg(long, default_value_t = 1_000_000)]
+        cpu_milli: u64,
+        /// Memory quota, in MiB.
+        #[arg(long, default_value_t = 4_194_304)]
+        memory_mib: u64,
+        /// Replica quota.
+        #[arg(long, default_value_t = 10_000)]
+        replicas: u32,
+        /// Workload quota.
+        #[arg(long, default_value_t = 100)]
+        workloads: u32,
     },
 }
 
@@ -168,6 +270,31 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Host(args) => runtime()?.block_on(host::serve(args)),
         Command::Hosts(args) => runtime()?.block_on(hosts::serve(args)),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Up { spec, data } => runtime()?.block_on(ops::up(&spec, &data)),
+        Command::Down { data } => ops::down(&data),
+        Command::Status { data } => runtime()?.block_on(ops::status(&data)),
+        Command::Tenant(TenantCommand::Create {
+            name,
+            data,
+            cpu_milli,
+            memory_mib,
+            replicas,
+            workloads,
+        }) => {
+            let quota = ops::QuotaArgs { cpu_milli, memory_mib, replicas, workloads };
+            runtime()?.block_on(ops::tenant_create(&data, &name, quota))
+        }
+        Command::Apply { file, at } => runtime()?.block_on(ops::apply(&at.data, &at.tenant, &file)),
+        Command::Get { name, at } => {
+            runtime()?.block_on(ops::get(&at.data, &at.tenant, name.as_deref()))
+        }
+        Command::Delete { name, at } => {
+            runtime()?.block_on(ops::delete(&at.data, &at.tenant, &name))
+        }
+        Command::Scale { name, replicas, at } => {
+            runtime()?.block_on(ops::scale(&at.data, &at.tenant, &name, replicas))
+        }
+        Command::Watch { at } => runtime()?.block_on(ops::watch(&at.data, &at.tenant)),
         Command::Router { config, data, pki, credentials } => {
             runtime()?.block_on(router::serve(config, data, pki, credentials))
         }

@@ -365,6 +365,13 @@ impl Router {
                 self.authorize(peer, &apply.tenant).await?;
                 self.apply(*apply).await
             }
+            Message::TenantsRequest => {
+                operator_only(peer)?;
+                let mut tenants: Vec<Tenant> =
+                    read(&self.directory).values().map(|e| e.tenant.clone()).collect();
+                tenants.sort_by(|a, b| a.id.cmp(&b.id));
+                Ok(Message::Tenants(tenants))
+            }
             Message::Drain(request) => {
                 operator_only(peer)?;
                 self.drain(*request).await
