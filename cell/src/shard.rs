@@ -109,6 +109,7 @@ impl Actor for Shard {
                 return Err(format!("commit failed, rebuilding from storage: {error}").into());
             }
             Msg::Heartbeats(beats) => {
+                metrics::counter!("cellplane_heartbeats_total").increment(beats.len() as u64);
                 // A heartbeat from a host this cell does not know changes nothing: the host
                 // registers again when its registration is refused or lost.
                 for beat in &beats {

@@ -146,6 +146,7 @@ pub struct State {
     dirty: BTreeSet<u32>,
     unplaced: BTreeSet<u32>,
     in_flight: usize,
+    host_counts: [u32; 5],
 }
 
 fn refuse(code: ErrorCode, detail: impl Into<String>) -> ErrorReply {
@@ -184,6 +185,7 @@ impl Actor for Workloads {
             dirty: BTreeSet::new(),
             unplaced: BTreeSet::new(),
             in_flight: 0,
+            host_counts: [0; 5],
         };
         let mut outcome = Outcome::default();
         state.restore(stored, &mut outcome);
@@ -307,7 +309,8 @@ impl State {
         for host in stored.hosts {
             // Liveness is soft state: every host waits for its shard's word.
             let host = Host { state: HostState::Joining, ..host };
-            self.hosts.insert(host.id, host.state);
+            let from = self.hosts.insert(host.id, host.state);
+            self.count_host(from, host.state);
             self.scheduler.handle_host(&host);
         }
         for (key, tenant, workload) in stored.idempotency {
@@ -631,11 +634,25 @@ impl State {
     }
 
     fn host(&mut self, host: Host) {
-        self.hosts.insert(host.id, host.state);
+        let from = self.hosts.insert(host.id, host.state);
+        self.count_host(from, host.state);
         self.scheduler.handle_host(&host);
         if host.state == HostState::Ready {
             self.retry_all();
         }
+    }
+
+    /// Keeps the hosts-by-state gauges exact: absolute values from this actor's own counts,
+    /// so a restarted actor never inherits a dead one's increments.
+    fn count_host(&mut self, from: Option<HostState>, to: HostState) {
+        if let Some(from) = from {
+            self.host_counts[from as usize] -= 1;
+            let n = f64::from(self.host_counts[from as usize]);
+            metrics::gauge!("cellplane_hosts", "state" => state_name(from)).set(n);
+        }
+        self.host_counts[to as usize] += 1;
+        let n = f64::from(self.host_counts[to as usize]);
+        metrics::gauge!("cellplane_hosts", "state" => state_name(to)).set(n);
     }
 
     fn retry_all(&mut self) {
@@ -649,10 +666,11 @@ impl State {
     }
 
     fn host_state(&mut self, id: HostId, to: HostState, outcome: &mut Outcome) {
-        if !self.hosts.contains_key(&id) {
+        let Some(from) = self.hosts.insert(id, to) else {
+            self.hosts.remove(&id);
             return; // its record comes first, from the same shard
-        }
-        self.hosts.insert(id, to);
+        };
+        self.count_host(Some(from), to);
         self.scheduler.handle_host_state(id, to);
         match to {
             HostState::Ready => self.retry_all(),
@@ -773,7 +791,13 @@ impl State {
                     }
                 })
                 .collect();
+            let started = std::time::Instant::now();
             let results = self.scheduler.place_batch(&requests);
+            metrics::histogram!("cellplane_placement_batch_seconds").record(started.elapsed());
+            let placed = results.iter().filter(|r| r.is_ok()).count() as u64;
+            metrics::counter!("cellplane_placements_total").increment(placed);
+            metrics::counter!("cellplane_placements_refused_total")
+                .increment(results.len() as u64 - placed);
             drop(requests);
             for ((id, ordinal), result) in places.drain(..).zip(results) {
                 let entry = self.entries[id as usize].as_mut().expect("placing entry");
@@ -918,6 +942,17 @@ impl State {
         if let Some(t) = self.tenants.get_mut(tenant) {
             t.watchers.retain(|w| w.try_send(item.clone()).is_ok());
         }
+    }
+}
+
+/// The label value of a host state in metrics.
+fn state_name(state: HostState) -> &'static str {
+    match state {
+        HostState::Joining => "joining",
+        HostState::Ready => "ready",
+        HostState::Suspect => "suspect",
+        HostState::Down => "down",
+        HostState::Draining => "draining",
     }
 }
 

@@ -23,6 +23,13 @@ mod router;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log as JSON lines (to stderr) instead of text; RUST_LOG filters either way.
+    #[arg(long, global = true)]
+    log_json: bool,
+    /// Serve Prometheus metrics on this address (at /metrics): cell, router, host and fleet
+    /// processes.
+    #[arg(long, global = true)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -253,18 +260,35 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr (`RUST_LOG` filters; warnings by default) and a multi-threaded runtime.
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    tokio::runtime::Runtime::new()
-        .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))
+/// Logs to stderr (`RUST_LOG` filters; warnings by default; JSON with `--log-json`), serves
+/// metrics when asked, and returns a multi-threaded runtime.
+fn runtime_with(
+    log_json: bool,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<tokio::runtime::Runtime, Failure> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
+    if let Some(addr) = metrics {
+        let _guard = runtime.enter();
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| Failure::Runtime(format!("--metrics {addr}: {e}")))?;
+    }
+    Ok(runtime)
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    let (log_json, metrics) = (cli.log_json, cli.metrics);
+    let runtime = || runtime_with(log_json, metrics);
     match cli.command {
         Command::Cell { config, data, pki } => runtime()?.block_on(cell::serve(config, data, pki)),
         Command::Host(args) => runtime()?.block_on(host::serve(args)),

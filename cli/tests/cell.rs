@@ -477,3 +477,97 @@ fn the_demo_refuses_impossible_sizes_as_bad_input() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cells"));
 }
+
+/// The body of an HTTP GET of `/metrics` at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: cellplane\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_serves_prometheus_metrics_of_hosts_heartbeats_and_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    // Leases longer than the fleet's 1 s heartbeats, so that all hosts stay ready.
+    setup_region_with(dir.path(), "hosts_max = 64\nshard_hosts = 16", 2_000, 4_000);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["--metrics", &metrics, "--log-json", "cell", "--config"])
+        .arg(dir.path().join("cell.toml"))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--pki")
+        .arg(dir.path().join("pki"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let cell = Killed(child);
+    let addr = line.split_whitespace().nth(4).unwrap().to_string();
+    let _fleet = Killed(
+        Command::new(env!("CARGO_BIN_EXE_cellplane"))
+            .args(["hosts", "--sim", "20", "--cell", &addr, "--cell-name", "c1"])
+            .args(["--credentials", "fleet", "--pki"])
+            .arg(dir.path().join("pki"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut body = String::new();
+    for _ in 0..600 {
+        body = scrape(&metrics);
+        if body.contains("cellplane_hosts{state=\"ready\"} 20")
+            && body.contains("cellplane_heartbeats_total")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(body.contains("cellplane_hosts{state=\"ready\"} 20"), "{body}");
+    assert!(body.contains("cellplane_heartbeats_total"), "{body}");
+    assert!(body.contains("cellplane_storage_commit_seconds"), "{body}");
+    assert!(body.contains("cellplane_storage_commits_total{outcome=\"ok\"}"), "{body}");
+    drop(cell);
+}
+
+/// The dashboard in docs/ charts every metric the processes emit, by the names they emit.
+#[test]
+fn the_grafana_dashboard_uses_the_metric_names_the_code_emits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docs/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["targets"][0]["expr"].as_str().unwrap().to_string())
+        .collect();
+    let mut emitted = Vec::new();
+    for file in [
+        "cell/src/workloads.rs",
+        "cell/src/shard.rs",
+        "storage/src/group.rs",
+        "region/src/router.rs",
+    ] {
+        let source = std::fs::read_to_string(root.join(file)).unwrap();
+        for piece in source.split("!(\"").skip(1) {
+            if let Some(name) = piece.split('"').next().filter(|n| n.starts_with("cellplane_")) {
+                emitted.push(name.to_string());
+            }
+        }
+    }
+    assert!(emitted.len() >= 7, "{emitted:?}");
+    for name in emitted {
+        assert!(exprs.iter().any(|e| e.contains(&name)), "the dashboard does not chart {name}");
+    }
+}

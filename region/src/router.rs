@@ -337,8 +337,25 @@ impl Router {
         }
     }
 
-    /// Answers one request from `peer`.
+    /// Answers one request from `peer`, counting it by outcome.
     pub async fn call(&self, peer: &Identity, message: Message) -> Result<Message, ErrorReply> {
+        let answer = self.answer(peer, message).await;
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(e) => match e.code {
+                ErrorCode::Invalid | ErrorCode::StaleEpoch => "invalid",
+                ErrorCode::NotFound => "not_found",
+                ErrorCode::QuotaExceeded => "quota_exceeded",
+                ErrorCode::RateLimited => "rate_limited",
+                ErrorCode::Unauthorized => "unauthorized",
+                ErrorCode::Unavailable | ErrorCode::Closed => "unavailable",
+            },
+        };
+        metrics::counter!("cellplane_routed_calls_total", "outcome" => outcome).increment(1);
+        answer
+    }
+
+    async fn answer(&self, peer: &Identity, message: Message) -> Result<Message, ErrorReply> {
         message.validate().map_err(|e| refuse(ErrorCode::Invalid, e.to_string()))?;
         match message {
             Message::PutTenant(tenant) => {

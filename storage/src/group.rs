@@ -169,7 +169,11 @@ async fn commit_loop(
         }
         let db = db.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let outcome = commit_batch(&db, &batch, options.attempts_max).await;
+            metrics::histogram!("cellplane_storage_commit_seconds").record(started.elapsed());
+            metrics::counter!("cellplane_storage_commits_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
+                .increment(1);
             for submission in batch {
                 let answer = match &outcome {
                     Ok(version) => Ok(*version),
