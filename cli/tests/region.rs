@@ -104,6 +104,43 @@ fn a_local_region_comes_up_serves_a_tenant_resumes_and_goes_down() {
     fails(&cellplane(d, &["get", "--tenant", "ghost", "--data", "region"]), 2, "no credentials");
     fails(&cellplane(d, &[&["get", "nothing"][..], &tenant].concat()), 1, "not found");
 
+    // The SDK, end to end against the same processes.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use cellplane_sdk::{Client, Error, Event, Workload};
+        let router = std::fs::read_to_string(d.join("region/run/router.addr")).unwrap();
+        let pki = d.join("region/pki");
+        let client =
+            Client::connect(router.trim().parse().unwrap(), "router", &pki, "acme").await.unwrap();
+        let mut events = client.watch().await.unwrap();
+        let vm = Workload::vm("vm", "debian-12").stateful().replicas(1).build().unwrap();
+        client.apply(vm.clone()).await.unwrap();
+        client.apply(vm).await.unwrap(); // the same spec again: a no-op, not a double
+        let changed = loop {
+            if let Some(Ok(Event::Changed(w))) = events.next().await
+                && w.spec.name.as_str() == "vm"
+            {
+                break w;
+            }
+        };
+        assert_eq!(changed.replicas.len(), 1);
+        for _ in 0..200 {
+            if client.get("vm").await.unwrap().replicas[0].host.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        client.vm_action("vm", 0, cellplane_sdk::model::VmAction::Reboot).await.unwrap();
+        assert!(matches!(client.get("nothing").await, Err(Error::NotFound(_))));
+        assert!(matches!(
+            client.scale("web", 200_000).await,
+            Err(Error::Invalid(_) | Error::QuotaExceeded(_))
+        ));
+        assert!(matches!(Workload::container("Bad_Name", "x").build(), Err(Error::Invalid(_))));
+        client.delete("vm").await.unwrap();
+        assert!(matches!(client.get("vm").await, Err(Error::NotFound(_))));
+    });
+
     // Running `up` again resumes: nothing is started twice.
     let again = ok(&cellplane(d, &["up", "--spec", "spec.toml", "--data", "region"]));
     assert!(again.contains("0 processes started"), "{again}");
