@@ -480,7 +480,9 @@ async fn client(data: &Path, tenant: &str) -> Result<Client, Failure> {
 
 fn sdk(e: cellplane_sdk::Error) -> Failure {
     match e {
-        cellplane_sdk::Error::Invalid(_) | cellplane_sdk::Error::Unauthorized(_) => input(e),
+        cellplane_sdk::Error::Invalid(_)
+        | cellplane_sdk::Error::Unauthorized(_)
+        | cellplane_sdk::Error::Credentials(_) => input(e),
         other => runtime(other),
     }
 }

@@ -102,6 +102,45 @@ fn a_local_region_comes_up_serves_a_tenant_resumes_and_goes_down() {
     let listed = ok(&cellplane(d, &[&["get"][..], &tenant].concat()));
     assert!(!listed.contains("solo"), "a refused manifest applied something: {listed}");
     fails(&cellplane(d, &["get", "--tenant", "ghost", "--data", "region"]), 2, "no credentials");
+    std::fs::write(d.join("region/pki/mallory.crt"), "not a certificate").unwrap();
+    std::fs::write(d.join("region/pki/mallory.key"), "not a key").unwrap();
+    fails(&cellplane(d, &["get", "--tenant", "mallory", "--data", "region"]), 2, "bad credentials");
+    std::fs::write(
+        d.join("types.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec: {replicas: many}\n",
+    )
+    .unwrap();
+    fails(
+        &cellplane(d, &[&["apply", "-f", "types.yaml"][..], &tenant].concat()),
+        2,
+        "spec.replicas: must be a whole number",
+    );
+    fails(
+        &cellplane(d, &["tenant", "create", "huge", "--replicas", "0", "--data", "region"]),
+        2,
+        "tenant.quota.replicas",
+    );
+    // watch follows changes as they happen.
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_cellplane"))
+        .args(["watch", "--tenant", "acme", "--data", "region"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ok(&cellplane(d, &[&["scale", "web", "3"][..], &tenant].concat()));
+    let stdout = watch.stdout.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = sender.send(line);
+    });
+    let line = lines.recv_timeout(std::time::Duration::from_secs(60));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let line = line.expect("watch printed nothing");
+    assert!(line.starts_with("web "), "{line:?}");
     fails(&cellplane(d, &[&["get", "nothing"][..], &tenant].concat()), 1, "not found");
 
     // The SDK, end to end against the same processes.

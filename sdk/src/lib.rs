@@ -64,7 +64,10 @@ pub enum Error {
     /// The region (or the cell holding the object) cannot answer now.
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// The credentials or the connection could not be set up.
+    /// The credentials are missing, unreadable or not a client's.
+    #[error("bad credentials: {0}")]
+    Credentials(String),
+    /// The connection could not be set up (the router is unreachable or refused us).
     #[error("cannot connect: {0}")]
     Connect(String),
 }
@@ -108,13 +111,13 @@ impl Client {
         stem: &str,
     ) -> Result<Self, Error> {
         let name = Name::new(router_name).map_err(|e| Error::Invalid(format!("router: {e}")))?;
-        let credentials =
-            Credentials::load(pki, stem).map_err(|e| Error::Connect(e.to_string()))?;
+        let bad = |e: &dyn std::fmt::Display| Error::Credentials(e.to_string());
+        let credentials = Credentials::load(pki, stem).map_err(|e| bad(&e))?;
         let tenant = match &credentials.identity {
             Identity::Client { tenant, .. } => tenant.clone(),
-            other => return Err(Error::Connect(format!("{other} is not a client certificate"))),
+            other => return Err(bad(&format!("{other} is not a client certificate"))),
         };
-        let ca = load_ca_certificate(pki).map_err(|e| Error::Connect(e.to_string()))?;
+        let ca = load_ca_certificate(pki).map_err(|e| bad(&e))?;
         let setup = Setup::new(credentials, ca);
         let connection = cellplane_transport::connect(router, &Identity::Router(name), &setup)
             .await
