@@ -5,6 +5,8 @@
 //! ("region", region, "cell", cell)                  -> cell record, summary
 //! ("region", region, "tenant", tenant)              -> tenant record, home cell
 //! ("region", region, "placement", tenant, workload) -> the cell holding it, what it reserves
+//! ("region", region, "moving", tenant, workload)    -> a drain's move in progress
+//! ("region", region, "draining", cell)              -> a cell being emptied
 //! ("cell", cell, "epoch")                           -> current incarnation
 //! ("cell", cell, "host", host)                      -> host record
 //! ("cell", cell, "tenant", tenant, "workload", n)   -> spec + status
