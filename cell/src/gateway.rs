@@ -10,7 +10,10 @@
 //!   says nothing about the other tenant's objects.
 //!
 //! Admission: at most `calls_max` requests are in the cell at once; the next is refused as
-//! `Unavailable` rather than queued without bound.
+//! `Unavailable` rather than queued without bound. One-way messages (heartbeats, status
+//! reports) have their own bound of the same size, held until an actor has handled them: past
+//! it they are dropped (a host heartbeats again in a second and re-reports on reconnection),
+//! so a flood can never grow an actor's mailbox without bound.
 
 use std::sync::Arc;
 
@@ -28,6 +31,7 @@ use crate::{shard, workloads};
 pub struct Gateway {
     shared: Arc<Shared>,
     admission: Arc<Semaphore>,
+    one_way: Arc<Semaphore>,
 }
 
 /// Room per subscribed host for its opening set of assignments.
@@ -45,7 +49,8 @@ impl Gateway {
     /// A gateway to the cell whose parts share `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
         let admission = Arc::new(Semaphore::new(shared.config.calls_max));
-        Self { shared, admission }
+        let one_way = Arc::new(Semaphore::new(shared.config.calls_max));
+        Self { shared, admission, one_way }
     }
 
     /// Answers one request from `peer`. Messages that came over the wire were validated when
@@ -121,10 +126,15 @@ impl Gateway {
     pub fn send(&self, peer: &Identity, message: Message) -> Result<(), ErrorReply> {
         host_only(peer)?;
         valid(&message)?;
+        let admit = || {
+            self.one_way.clone().try_acquire_owned().map_err(|_| {
+                refuse(ErrorCode::Unavailable, "the cell is at its one-way message limit")
+            })
+        };
         let sent = match message {
-            Message::Heartbeat(beat) => {
-                self.shared.tell_shard(beat.host, shard::Msg::Heartbeats(vec![beat]))
-            }
+            Message::Heartbeat(beat) => self
+                .shared
+                .tell_shard(beat.host, shard::Msg::Heartbeats(vec![beat], Some(admit()?))),
             Message::Heartbeats(beats) => {
                 // One message per shard, not per host.
                 let mut by_shard: std::collections::HashMap<usize, Vec<_>> = Default::default();
@@ -133,10 +143,15 @@ impl Gateway {
                 }
                 by_shard.into_values().fold(true, |sent, beats| {
                     let host = beats[0].host;
-                    self.shared.tell_shard(host, shard::Msg::Heartbeats(beats)) && sent
+                    let admitted = admit().ok();
+                    admitted.is_some()
+                        && self.shared.tell_shard(host, shard::Msg::Heartbeats(beats, admitted))
+                        && sent
                 })
             }
-            Message::Status(report) => self.shared.tell_workloads(workloads::Msg::Status(report)),
+            Message::Status(report) => {
+                self.shared.tell_workloads(workloads::Msg::Status(report, Some(admit()?)))
+            }
             other => {
                 return Err(refuse(
                     ErrorCode::Invalid,

@@ -27,8 +27,8 @@ use crate::workloads::{self, Reply};
 pub enum Msg {
     /// A host registers.
     Register(Box<Host>, Reply),
-    /// Hosts' proofs of life.
-    Heartbeats(Vec<Heartbeat>),
+    /// Hosts' proofs of life, with the gateway's admission (released once handled).
+    Heartbeats(Vec<Heartbeat>, Option<tokio::sync::OwnedSemaphorePermit>),
     /// A registration is durable.
     Registered(HostId, u64, Reply),
     /// A commit failed: the shard fails and is rebuilt from storage.
@@ -108,7 +108,7 @@ impl Actor for Shard {
             Msg::CommitFailed(error) => {
                 return Err(format!("commit failed, rebuilding from storage: {error}").into());
             }
-            Msg::Heartbeats(beats) => {
+            Msg::Heartbeats(beats, _admitted) => {
                 metrics::counter!("cellplane_heartbeats_total").increment(beats.len() as u64);
                 // A heartbeat from a host this cell does not know changes nothing: the host
                 // registers again when its registration is refused or lost.

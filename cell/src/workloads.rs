@@ -88,8 +88,8 @@ pub enum Msg {
     Host(Box<Host>),
     /// A host's state changed (from its shard).
     HostState(HostId, HostState),
-    /// A host reports a replica's phase.
-    Status(Box<StatusReport>),
+    /// A host reports a replica's phase (with the gateway's admission, released once handled).
+    Status(Box<StatusReport>, Option<tokio::sync::OwnedSemaphorePermit>),
     /// Hosts open one assignment stream.
     Subscribe(Vec<HostId>, mpsc::Sender<Message>),
     /// Try refused placements again.
@@ -272,7 +272,7 @@ impl Actor for Workloads {
             }
             Msg::Host(host) => state.host(*host),
             Msg::HostState(id, to) => state.host_state(id, to, &mut outcome),
-            Msg::Status(report) => state.report(*report, &mut outcome),
+            Msg::Status(report, _admitted) => state.report(*report, &mut outcome),
             Msg::Subscribe(hosts, sender) => state.subscribe(hosts, sender, &mut outcome),
             Msg::Retry => {
                 for id in std::mem::take(&mut state.unplaced) {

@@ -85,6 +85,9 @@ pub struct RouterConfig {
     pub limits: RouterLimits,
 }
 
+/// Calls (requests and open watches) in the router at once.
+pub const CALLS_MAX: usize = 65_536;
+
 /// Workloads a drain moves at once.
 const MOVES_AT_ONCE: usize = 16;
 
@@ -1043,14 +1046,30 @@ impl Router {
         }
     }
 
-    /// Serves what arrives from the transport until the channel closes.
+    /// Serves what arrives from the transport until the channel closes. At most
+    /// [`CALLS_MAX`] calls are in the router at once; more are refused as `Unavailable`.
     pub async fn serve(self: Arc<Self>, mut inbound: mpsc::Receiver<cellplane_transport::Inbound>) {
         use cellplane_transport::Reply;
+        let admission = Arc::new(tokio::sync::Semaphore::new(CALLS_MAX));
         while let Some(cellplane_transport::Inbound { peer, message, reply, .. }) =
             inbound.recv().await
         {
+            let Ok(permit) = admission.clone().try_acquire_owned() else {
+                let busy = refuse(ErrorCode::Unavailable, "the router is at its call limit");
+                match reply {
+                    Reply::Respond(responder) => {
+                        tokio::spawn(responder.respond(Err(busy)));
+                    }
+                    Reply::Stream(sink) => {
+                        tokio::spawn(sink.fail(busy));
+                    }
+                    Reply::None => {}
+                }
+                continue;
+            };
             let router = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match reply {
                     Reply::None => {}
                     Reply::Respond(responder) => {

@@ -169,13 +169,20 @@ async fn main() {
             for seq in 1.. {
                 tick.tick().await;
                 let failed = failing.load(Ordering::Relaxed);
-                for id in 0..hosts {
-                    if failed && id.is_multiple_of(FAILED_EVERY) {
-                        continue;
-                    }
-                    let beat =
-                        Heartbeat { host: HostId(id), seq, epoch: 0, state: HostState::Ready };
-                    let _ = gateway.send(&fleet, Message::Heartbeat(beat));
+                // In batches of a thousand, as a fleet's shard sends them.
+                let ids: Vec<u64> =
+                    (0..hosts).filter(|id| !(failed && id.is_multiple_of(FAILED_EVERY))).collect();
+                for chunk in ids.chunks(1_000) {
+                    let beats = chunk
+                        .iter()
+                        .map(|&id| Heartbeat {
+                            host: HostId(id),
+                            seq,
+                            epoch: 0,
+                            state: HostState::Ready,
+                        })
+                        .collect();
+                    let _ = gateway.send(&fleet, Message::Heartbeats(beats));
                 }
                 if !failed {
                     *last_beat.lock().expect("not poisoned") = Instant::now();
