@@ -685,25 +685,9 @@ impl State {
         let mut touched = BTreeSet::new();
         for (id, ordinal) in slots {
             let Some(Some(entry)) = self.entries.get(id as usize) else { continue };
-            let tenant = &self.tenants[&entry.key.0];
-            let spec = entry.controller.spec();
-            outcome.writes.push(Write::Clear(records::replica_key(
-                &tenant.keys,
-                &spec.name,
-                ordinal,
-            )));
             // Should the host still be listening, it stops the replica too.
-            outcome.deliveries.push((
-                host,
-                Message::Unassign(Box::new(Unassign {
-                    host,
-                    tenant: entry.key.0.clone(),
-                    workload: spec.name.clone(),
-                    ordinal,
-                    epoch: self.epoch,
-                })),
-            ));
-            self.scheduler.handle_release(host, &entry.key, spec.resources);
+            let keys = &self.tenants[&entry.key.0].keys;
+            release(&mut self.scheduler, self.epoch, keys, entry, (ordinal, host), outcome);
             touched.insert(id);
         }
         for id in touched {
@@ -830,18 +814,7 @@ impl State {
                 out.changed.insert(id);
             }
             Action::Stop { ordinal, host } => {
-                out.writes.push(Write::Clear(records::replica_key(keys, name, ordinal)));
-                out.deliveries.push((
-                    host,
-                    Message::Unassign(Box::new(Unassign {
-                        host,
-                        tenant: entry.key.0.clone(),
-                        workload: name.clone(),
-                        ordinal,
-                        epoch: self.epoch,
-                    })),
-                ));
-                self.scheduler.handle_release(host, &entry.key, entry.controller.spec().resources);
+                release(&mut self.scheduler, self.epoch, keys, entry, (ordinal, host), out);
                 if let Some(slots) = self.on_host.get_mut(&host) {
                     slots.retain(|&slot| slot != (id, ordinal));
                 }
@@ -943,6 +916,24 @@ impl State {
             t.watchers.retain(|w| w.try_send(item.clone()).is_ok());
         }
     }
+}
+
+/// Empties slot `ordinal` of `entry` on `host`: its assignment record goes, the host is told to
+/// stop it, and the scheduler gets the room back.
+fn release(
+    scheduler: &mut Scheduler,
+    epoch: u64,
+    keys: &TenantKeys,
+    entry: &Entry,
+    (ordinal, host): (u32, HostId),
+    out: &mut Outcome,
+) {
+    let spec = entry.controller.spec();
+    out.writes.push(Write::Clear(records::replica_key(keys, &spec.name, ordinal)));
+    let unassign =
+        Unassign { host, tenant: entry.key.0.clone(), workload: spec.name.clone(), ordinal, epoch };
+    out.deliveries.push((host, Message::Unassign(Box::new(unassign))));
+    scheduler.handle_release(host, &entry.key, spec.resources);
 }
 
 /// The label value of a host state in metrics.
