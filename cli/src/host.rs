@@ -1,33 +1,20 @@
 //! `cellplane host`: the agent of one real host, running its replicas as processes.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cellplane_api::{CellId, Host, HostId, HostState, Name, Resources, SiteId};
-use cellplane_host_actor::agent::{self, CellAddress};
+use cellplane_api::{Host, HostId, HostState, Name, Resources, SiteId};
+use cellplane_host_actor::agent;
 use cellplane_host_actor::core::host::{HostConfig, HostCore};
 use cellplane_host_actor::driver::{ProcessDriver, RestartPolicy};
-use cellplane_transport::identity::load_ca_certificate;
-use cellplane_transport::{Credentials, Setup};
 
 use crate::Failure;
 
 /// What `cellplane host` is told.
 #[derive(clap::Args)]
 pub struct HostArgs {
-    /// The cell's QUIC address.
-    #[arg(long)]
-    pub cell: SocketAddr,
-    /// The cell's name (its certificate must say so).
-    #[arg(long)]
-    pub cell_name: String,
-    /// The directory holding ca.crt and this host's credentials.
-    #[arg(long)]
-    pub pki: PathBuf,
-    /// The stem of this host's credentials in --pki (`cellplane pki issue --kind host`).
-    #[arg(long)]
-    pub credentials: String,
+    #[command(flatten)]
+    pub link: crate::link::CellLink,
     /// This host's numeric id within the cell.
     #[arg(long)]
     pub id: u64,
@@ -54,11 +41,10 @@ pub struct HostArgs {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn serve(args: HostArgs) -> Result<(), Failure> {
     let input = |flag: &str, e: &dyn std::fmt::Display| Failure::Input(format!("{flag}: {e}"));
-    let cell_name = Name::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?;
     let detected = cellplane_host_actor::detect::detect();
     let host = Host {
         id: HostId(args.id),
-        cell: CellId::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?,
+        cell: args.link.cell_id()?,
         site: SiteId::new(&args.site).map_err(|e| input("--site", &e))?,
         zone: Name::new(&args.zone).map_err(|e| input("--zone", &e))?,
         capacity: Resources {
@@ -72,17 +58,13 @@ pub async fn serve(args: HostArgs) -> Result<(), Failure> {
         state: HostState::Joining,
     };
     cellplane_api::Validate::validate(&host).map_err(|e| Failure::Input(e.to_string()))?;
-    let credentials = Credentials::load(&args.pki, &args.credentials).map_err(|e| {
-        Failure::Input(format!("--credentials {} in {}: {e}", args.credentials, args.pki.display()))
-    })?;
-    let ca = load_ca_certificate(&args.pki).map_err(|e| Failure::Input(e.to_string()))?;
     let (events, arrivals) = tokio::sync::mpsc::channel(4_096);
     let driver = Arc::new(ProcessDriver::new(events, args.logs, RestartPolicy::default()));
     let core = HostCore::new(host, HostConfig::default());
-    let cell = CellAddress { addr: args.cell, name: cell_name, setup: Setup::new(credentials, ca) };
+    let cell = args.link.address()?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(agent::run(cell, core, driver, arrivals, shutdown));
-    println!("host {} serving cell {} at {}", args.id, args.cell_name, args.cell);
+    println!("host {} serving cell {} at {}", args.id, args.link.cell_name, args.link.cell);
     println!("host {} offers {}", args.id, detected.describe());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Failure::Runtime(e.to_string()))?;

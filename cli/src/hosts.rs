@@ -1,16 +1,11 @@
 //! `cellplane hosts --sim N`: a simulated fleet in one process.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use cellplane_api::{Capabilities, CellId, Host, HostId, HostState, Name, Resources, SiteId};
-use cellplane_host_actor::agent::CellAddress;
+use cellplane_api::{Capabilities, Host, HostId, HostState, Name, Resources, SiteId};
 use cellplane_host_actor::fleet::{self, FleetConfig, Progress};
-use cellplane_transport::identity::load_ca_certificate;
-use cellplane_transport::{Credentials, Setup};
 
 use crate::Failure;
 
@@ -20,18 +15,8 @@ pub struct FleetArgs {
     /// How many simulated hosts to run.
     #[arg(long = "sim")]
     pub count: u64,
-    /// The cell's QUIC address.
-    #[arg(long)]
-    pub cell: SocketAddr,
-    /// The cell's name (its certificate must say so).
-    #[arg(long)]
-    pub cell_name: String,
-    /// The directory holding ca.crt and the fleet's host credentials.
-    #[arg(long)]
-    pub pki: PathBuf,
-    /// The stem of the fleet's host credentials in --pki.
-    #[arg(long)]
-    pub credentials: String,
+    #[command(flatten)]
+    pub link: crate::link::CellLink,
     /// The id of the first host; the others follow.
     #[arg(long, default_value_t = 0)]
     pub first_id: u64,
@@ -70,7 +55,7 @@ pub async fn serve(args: FleetArgs) -> Result<(), Failure> {
     if args.count == 0 || args.zones == 0 {
         return Err(Failure::Input("--sim and --zones must be at least 1".into()));
     }
-    let cell = CellId::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?;
+    let cell = args.link.cell_id()?;
     let site = SiteId::new(&args.site).map_err(|e| input("--site", &e))?;
     let zones: Vec<Name> = (0..args.zones.min(1_000))
         .map(|z| Name::new(&format!("zone-{z}")).expect("a valid label"))
@@ -96,12 +81,7 @@ pub async fn serve(args: FleetArgs) -> Result<(), Failure> {
     if let Some(host) = hosts.first() {
         cellplane_api::Validate::validate(host).map_err(|e| Failure::Input(e.to_string()))?;
     }
-    let credentials = Credentials::load(&args.pki, &args.credentials).map_err(|e| {
-        Failure::Input(format!("--credentials {} in {}: {e}", args.credentials, args.pki.display()))
-    })?;
-    let ca = load_ca_certificate(&args.pki).map_err(|e| Failure::Input(e.to_string()))?;
-    let name = Name::new(&args.cell_name).map_err(|e| input("--cell-name", &e))?;
-    let address = CellAddress { addr: args.cell, name, setup: Setup::new(credentials, ca) };
+    let address = args.link.address()?;
     let mut config = FleetConfig {
         shard_hosts: args.shard_hosts,
         start_delay_ms: args.start_delay_ms,
@@ -131,7 +111,7 @@ pub async fn serve(args: FleetArgs) -> Result<(), Failure> {
                     println!(
                         "fleet of {} hosts joined cell {} in {:.1} s",
                         args.count,
-                        args.cell_name,
+                        args.link.cell_name,
                         started.elapsed().as_secs_f64()
                     );
                 } else if !joined {

@@ -14,6 +14,7 @@ mod cell;
 mod demo;
 mod host;
 mod hosts;
+mod link;
 mod ops;
 mod router;
 
