@@ -6,14 +6,13 @@
 //! kills a batch of hosts and times the re-placement of their replicas, checks that each tenant
 //! sees only its own, prints a report (or JSON), and stops everything it started.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{Message, RegionSummary};
 use cellplane_api::{HostState, Name, Quota, Spread, Tenant, TenantId};
+use cellplane_chaos::process::{self, Killed};
 use cellplane_sdk::{Client, Workload};
 use cellplane_transport::{CertificateAuthority, Connection, Credentials, Identity, Role, Setup};
 use serde::Serialize;
@@ -56,15 +55,6 @@ struct Report {
 /// Ids of the hosts the demo kills (in cell c1), far above every other host's.
 const FIRST_VICTIM: u64 = 1_000_000;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn runtime(e: impl std::fmt::Display) -> Failure {
     Failure::Runtime(e.to_string())
 }
@@ -72,26 +62,15 @@ fn runtime(e: impl std::fmt::Display) -> Failure {
 /// Starts `cellplane ARGS` in `dir` and returns it with its first line of output.
 fn spawn(dir: &Path, args: &[&str]) -> Result<(Killed, String), Failure> {
     let me = std::env::current_exe().map_err(runtime)?;
-    let mut child = Command::new(me)
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(runtime)?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().ok_or_else(|| runtime("no stdout"))?;
-    BufReader::new(stdout).read_line(&mut line).map_err(runtime)?;
+    let (child, line) = process::spawn(&me, args, dir).map_err(runtime)?;
     if line.is_empty() {
         return Err(runtime(format!("`cellplane {}` exited at start", args.join(" "))));
     }
-    Ok((Killed(child), line))
+    Ok((child, line))
 }
 
 fn address(line: &str) -> Result<SocketAddr, Failure> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "on").ok_or_else(|| runtime(line))? + 1;
-    words.get(at).and_then(|w| w.parse().ok()).ok_or_else(|| runtime(line))
+    process::address(line).ok_or_else(|| runtime(line))
 }
 
 /// Runs the demo.

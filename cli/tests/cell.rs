@@ -16,6 +16,7 @@ use cellplane_api::{
     Quota, ReplicaPhase, Resources, SiteId, Tenant, TenantId, WorkloadKind, WorkloadName,
     WorkloadSpec,
 };
+use cellplane_chaos::process::Killed;
 use cellplane_transport::{Connection, Credentials, Identity, Setup, connect};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -65,16 +66,6 @@ impl Drop for CellProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A child process killed when the test ends, passed or not.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -2,10 +2,8 @@
 //! simulated fleet per cell, and the router in front.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cellplane_api::wire::{
@@ -15,39 +13,20 @@ use cellplane_api::{
     ContainerSpec, Controller, LatencyTarget, Name, Placement, Quota, Resources, Tenant, TenantId,
     WorkloadKind, WorkloadName, WorkloadSpec,
 };
+use cellplane_chaos::process::{self, Killed};
 use cellplane_transport::{
     CertificateAuthority, Connection, Credentials, Identity, Role, Setup, TransportError, connect,
 };
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn(args: &[&str], dir: &Path) -> (Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellplane"))
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    (Killed(child), line)
+    process::spawn(Path::new(env!("CARGO_BIN_EXE_cellplane")), args, dir).unwrap()
 }
 
 /// The address in a "... serving on ADDR ..." line.
 fn address(line: &str) -> SocketAddr {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "on").expect("an address") + 1;
-    words[at].parse().unwrap()
+    process::address(line).unwrap()
 }
 
 struct Region {

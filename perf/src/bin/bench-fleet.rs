@@ -13,20 +13,12 @@ use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{CellSummary, Message};
 use cellplane_api::{HostState, Name, TenantId};
+use cellplane_chaos::process::Killed;
 use cellplane_perf::report;
 use cellplane_transport::identity::load_ca_certificate;
 use cellplane_transport::{CertificateAuthority, Connection, Credentials, Identity, Role, Setup};
 
 const STEADY: Duration = Duration::from_secs(10);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn binary() -> PathBuf {
     let me = std::env::current_exe().expect("own path");

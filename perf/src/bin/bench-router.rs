@@ -11,14 +11,13 @@
 //! bench-router`
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{Apply, DrainRequest, Message};
 use cellplane_api::*;
+use cellplane_chaos::process::{self, Killed};
 use cellplane_perf::{rate, report};
 use cellplane_region::router::{CellEntry, RouterLimits};
 use cellplane_region::{Router, RouterConfig};
@@ -30,32 +29,12 @@ const TENANTS: u64 = 100;
 const WORKLOADS: u64 = 1_000;
 const LOOKUPS: u64 = 1_000_000;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn(bin: &Path, args: &[&str], dir: &Path) -> (Killed, String) {
-    let mut child = Command::new(bin)
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).expect("read");
-    (Killed(child), line)
+    process::spawn(bin, args, dir).expect("spawn")
 }
 
 fn address(line: &str) -> SocketAddr {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "on").expect("an address") + 1;
-    words[at].parse().expect("address")
+    process::address(line).expect("an address")
 }
 
 fn binary() -> PathBuf {
