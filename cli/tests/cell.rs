@@ -89,6 +89,14 @@ fn setup_region_with(dir: &Path, hosts: &str, suspect_after_ms: u64, down_after_
     std::fs::write(dir.join("cell.toml"), config).unwrap();
 }
 
+/// Creates tenant acme through `router`, with `cpu_milli` (and as much memory) and `replicas`.
+async fn put_acme(router: &Connection, cpu_milli: u64, replicas: u32) {
+    let quota = Quota { cpu_milli, memory_mib: cpu_milli, replicas, workloads: 5 };
+    let tenant = Tenant { id: TenantId::new("acme").unwrap(), quota, home_cell: None };
+    let put = router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await;
+    assert!(matches!(put, Ok(Message::Done(_))), "{put:?}");
+}
+
 fn host(id: u64) -> Host {
     Host {
         id: HostId(id),
@@ -156,13 +164,7 @@ async fn a_killed_cell_loses_nothing_it_acknowledged_and_fences_the_old_epoch() 
     let hosts = cell.as_peer(dir.path(), "fleet").await;
     let client = cell.as_peer(dir.path(), "acme").await;
 
-    let tenant = Tenant {
-        id: TenantId::new("acme").unwrap(),
-        quota: Quota { cpu_milli: 100_000, memory_mib: 100_000, replicas: 50, workloads: 5 },
-        home_cell: None,
-    };
-    let put = router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await;
-    assert!(matches!(put, Ok(Message::Done(_))), "{put:?}");
+    put_acme(&router, 100_000, 50).await;
     for id in 1..=3 {
         let register = Message::Register(Box::new(Register { host: host(id) }));
         assert!(matches!(hosts.request(0, &register, DEADLINE).await, Ok(Message::Done(_))));
@@ -247,12 +249,7 @@ async fn a_real_agent_runs_a_process_workload_and_reports_its_exit() {
     let cell = CellProcess::start(dir.path());
     let router = cell.as_peer(dir.path(), "r1").await;
     let client = cell.as_peer(dir.path(), "acme").await;
-    let tenant = Tenant {
-        id: TenantId::new("acme").unwrap(),
-        quota: Quota { cpu_milli: 10_000, memory_mib: 10_000, replicas: 5, workloads: 5 },
-        home_cell: None,
-    };
-    router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await.unwrap();
+    put_acme(&router, 10_000, 5).await;
     let logs = dir.path().join("logs");
     let agent = start_agent(dir.path(), cell.addr, &logs);
     let mut spec = web(1);
@@ -395,12 +392,7 @@ async fn workloads_outlive_a_killed_cell_and_are_reconciled_not_restarted() {
     std::fs::write(dir.path().join("cell.toml"), config).unwrap();
     let cell = CellProcess::start(dir.path());
     let router = cell.as_peer(dir.path(), "r1").await;
-    let tenant = Tenant {
-        id: TenantId::new("acme").unwrap(),
-        quota: Quota { cpu_milli: 10_000, memory_mib: 10_000, replicas: 5, workloads: 5 },
-        home_cell: None,
-    };
-    router.request(0, &Message::PutTenant(Box::new(tenant)), DEADLINE).await.unwrap();
+    put_acme(&router, 10_000, 5).await;
     let logs = dir.path().join("logs");
     let agent = start_agent(dir.path(), cell.addr, &logs);
     let mut spec = web(1);
