@@ -246,6 +246,11 @@ enum Failure {
     Runtime(String),
 }
 
+/// mimalloc: the group commit path allocates per write on several threads; measured with
+/// `bench-storage`, it raised acknowledged writes/s by about a fifth over the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

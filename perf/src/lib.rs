@@ -32,3 +32,7 @@ pub fn report(name: &str, value: f64, unit: &str) -> (String, f64) {
     println!("{name:<58} {value:>14.1} {unit}");
     (name.to_owned(), value)
 }
+
+/// The benchmarks run on the allocator the `cellplane` binary ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::core::resolver::{Key, KeyRange, Resolver, Verdict};
 use crate::error::{Result, StorageError};
+use crate::group::Write;
 use crate::queue::{BatchQueue, PushError};
 use crate::{RangeOptions, RangeResult, TRANSACTION_BYTES_MAX, decode_counter, key_after};
 
@@ -81,15 +82,39 @@ impl Mutation {
         }
     }
 
-    /// What the mutation wrote, for the conflict history (moves the keys, copies nothing).
-    fn into_write(self) -> KeyRange {
+    /// What the mutation wrote, for the conflict history (shares the keys, copies nothing).
+    fn write(&self) -> KeyRange {
         match self {
             Mutation::Set(key, _) | Mutation::Clear(key) | Mutation::Add(key, _) => {
-                KeyRange::Key(key)
+                KeyRange::Key(key.clone())
             }
-            Mutation::ClearRange(begin, end) => KeyRange::Range { begin, end },
+            Mutation::ClearRange(begin, end) => {
+                KeyRange::Range { begin: begin.clone(), end: end.clone() }
+            }
         }
     }
+}
+
+impl From<Write> for Mutation {
+    fn from(write: Write) -> Self {
+        match write {
+            Write::Set(key, value) => Mutation::Set(key.into(), value.into()),
+            Write::Clear(key) => Mutation::Clear(key.into()),
+            Write::Add(key, delta) => Mutation::Add(key.into(), delta),
+            Write::ClearRange(begin, end) => Mutation::ClearRange(begin.into(), end.into()),
+        }
+    }
+}
+
+/// The writes of a blind request handed back (only on the rare path of a full queue).
+fn writes_of(request: CommitRequest) -> Vec<Write> {
+    let write = |mutation: Mutation| match mutation {
+        Mutation::Set(key, value) => Write::Set(key.to_vec(), value.to_vec()),
+        Mutation::Clear(key) => Write::Clear(key.to_vec()),
+        Mutation::Add(key, delta) => Write::Add(key.to_vec(), delta),
+        Mutation::ClearRange(begin, end) => Write::ClearRange(begin.to_vec(), end.to_vec()),
+    };
+    request.mutations.into_iter().map(write).collect()
 }
 
 /// A commit waiting for the writer thread.
@@ -148,6 +173,29 @@ impl Engine {
         Ok(Self { shared, writer: Mutex::new(Some(writer)) })
     }
 
+    /// Queues a transaction of blind writes (it reads nothing, so it never conflicts) behind
+    /// every commit already queued, skipping the read-your-writes buffers of a [`Tx`]. The
+    /// writes come back with `Full` when the queue holds its capacity, for the caller to retry
+    /// in order.
+    pub(crate) fn queue_blind(
+        &self,
+        writes: Vec<Write>,
+    ) -> std::result::Result<oneshot::Receiver<Result<u64>>, PushError<Vec<Write>>> {
+        let (reply, answer) = oneshot::channel();
+        let mutations = writes.into_iter().map(Mutation::from).collect();
+        let request = CommitRequest { read_version: 0, reads: Vec::new(), mutations, reply };
+        match self.shared.queue.push(request) {
+            Ok(()) => Ok(answer),
+            Err(PushError::Full(request)) => Err(PushError::Full(writes_of(request))),
+            Err(PushError::Closed(request)) => Err(PushError::Closed(writes_of(request))),
+        }
+    }
+
+    /// Commits waiting for the writer.
+    pub(crate) fn queued(&self) -> usize {
+        self.shared.queue.len()
+    }
+
     /// Starts a transaction at the newest durable version.
     pub(crate) fn begin(&self) -> Result<Tx> {
         // Order matters: version first, then snapshot (see the module documentation).
@@ -196,21 +244,26 @@ fn init_tables(db: &redb::Database) -> std::result::Result<u64, redb::Error> {
 fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
     let mut batch = Vec::with_capacity(batch_len_max);
     while shared.queue.pop_batch(batch_len_max, &mut batch) {
+        let started = std::time::Instant::now();
         let mut accepted = Vec::with_capacity(batch.len());
+        let mut writes = Vec::new();
         let outcome = (|| -> std::result::Result<(), redb::Error> {
             let mut tx = shared.db.begin_write()?;
             tx.set_durability(redb::Durability::Immediate)?;
             {
-                let mut data = tx.open_table(DATA)?;
+                // Resolve every request first, then apply what was accepted in one pass.
                 for request in batch.drain(..) {
                     let CommitRequest { read_version, reads, mutations, reply } = request;
+                    if reads.is_empty() {
+                        let version = resolver.handle_blind(mutations.iter().map(Mutation::write));
+                        writes.extend(mutations);
+                        accepted.push((reply, version));
+                        continue;
+                    }
                     match resolver.handle_commit(read_version, &reads) {
                         Verdict::Commit(version) => {
-                            let applied = apply(&mut data, &mutations);
-                            resolver.handle_writes(
-                                mutations.into_iter().map(Mutation::into_write).collect(),
-                            );
-                            applied?;
+                            resolver.handle_writes(mutations.iter().map(Mutation::write).collect());
+                            writes.extend(mutations);
                             accepted.push((reply, version));
                         }
                         Verdict::Conflict => {
@@ -224,11 +277,15 @@ fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
                         }
                     }
                 }
+                apply(&mut tx.open_table(DATA)?, &writes)?;
                 tx.open_table(META)?.insert(META_VERSION, resolver.version())?;
             }
             tx.commit()?;
             Ok(())
         })();
+        metrics::histogram!("cellplane_storage_commit_seconds").record(started.elapsed());
+        let label = if outcome.is_ok() { "ok" } else { "error" };
+        metrics::counter!("cellplane_storage_commits_total", "outcome" => label).increment(1);
         match outcome {
             Ok(()) => {
                 shared.committed.store(resolver.version(), Ordering::Release);
@@ -252,9 +309,10 @@ fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
     }
 }
 
-/// Applies a transaction's mutations. Without range clears, mutations of different keys commute,
-/// so they are applied in key order (a stable sort keeps each key's own order): the B-tree then
-/// touches each page once instead of once per scattered write.
+/// Applies the mutations of a batch's accepted transactions, given in commit order. Without range
+/// clears, mutations of different keys commute, so they are applied in key order (a stable sort
+/// keeps each key's own order): the B-tree then touches each page once instead of once per
+/// scattered write.
 fn apply(
     data: &mut redb::Table<&[u8], &[u8]>,
     mutations: &[Mutation],

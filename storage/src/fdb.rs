@@ -96,7 +96,12 @@ impl Tx {
 
     pub(crate) async fn commit(&self) -> Result<u64> {
         let tx = self.inner.write().await.take().ok_or(StorageError::Finished)?;
-        let committed = tx.commit().await.map_err(|e| map_error(*e))?;
+        let started = std::time::Instant::now();
+        let committed = tx.commit().await.map_err(|e| map_error(*e));
+        metrics::histogram!("cellplane_storage_commit_seconds").record(started.elapsed());
+        let label = if committed.is_ok() { "ok" } else { "error" };
+        metrics::counter!("cellplane_storage_commits_total", "outcome" => label).increment(1);
+        let committed = committed?;
         Ok(u64::try_from(committed.committed_version().map_err(map_error)?).unwrap_or(0))
     }
 

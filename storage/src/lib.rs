@@ -29,6 +29,7 @@ mod sync;
 
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,6 +184,64 @@ impl Database {
         Ok(Self { backend: Backend::Fdb(Arc::new(fdb::FdbBackend::open(cluster_file)?)) })
     }
 
+    /// Whether the store folds concurrent commits into one durable write itself.
+    pub(crate) fn groups_blind_commits(&self) -> bool {
+        matches!(self.backend, Backend::Embedded(_))
+    }
+
+    /// Queues one transaction of blind writes behind every commit already queued and returns
+    /// the future of its commit. The embedded engine takes it in this order however many are in
+    /// flight, and waits while its queue is full (with backoff, up to `attempts_max` tries,
+    /// then `Overloaded`); FoundationDB runs it when the future is polled. The writes must
+    /// already be checked against the key and value limits.
+    pub(crate) async fn queue_blind(
+        &self,
+        writes: Vec<group::Write>,
+        attempts_max: u32,
+    ) -> Result<Pin<Box<dyn Future<Output = Result<u64>> + Send>>> {
+        match &self.backend {
+            Backend::Embedded(engine) => {
+                let mut writes = writes;
+                let mut attempt = 1;
+                let answer = loop {
+                    match engine.queue_blind(writes) {
+                        Ok(answer) => break answer,
+                        Err(queue::PushError::Full(back)) if attempt < attempts_max => {
+                            tokio::time::sleep(Duration::from_millis(1 << attempt.min(8))).await;
+                            (writes, attempt) = (back, attempt + 1);
+                        }
+                        Err(queue::PushError::Full(_)) => {
+                            return Err(StorageError::Overloaded { queued: engine.queued() });
+                        }
+                        Err(queue::PushError::Closed(_)) => return Err(StorageError::Closed),
+                    }
+                };
+                // A dropped reply means the writer died mid-batch: the outcome is unknown.
+                Ok(Box::pin(async move {
+                    answer.await.unwrap_or_else(|_| {
+                        Err(StorageError::CommitUnknownResult("the writer stopped".into()))
+                    })
+                }))
+            }
+            #[cfg(feature = "fdb")]
+            Backend::Fdb(_) => {
+                let db = self.clone();
+                Ok(Box::pin(async move {
+                    let tx = db.begin().await?;
+                    for write in &writes {
+                        match write {
+                            group::Write::Set(key, value) => tx.set(key, value)?,
+                            group::Write::Clear(key) => tx.clear(key)?,
+                            group::Write::ClearRange(begin, end) => tx.clear_range(begin, end)?,
+                            group::Write::Add(key, delta) => tx.atomic_add(key, *delta)?,
+                        }
+                    }
+                    tx.commit().await
+                }))
+            }
+        }
+    }
+
     /// Starts a transaction.
     pub async fn begin(&self) -> Result<Transaction> {
         let inner = match &self.backend {
@@ -300,9 +359,7 @@ impl Transaction {
     /// Sets `key` to `value`.
     pub fn set(&self, key: &[u8], value: &[u8]) -> Result<()> {
         check_key(key)?;
-        if value.len() > VALUE_LEN_MAX {
-            return Err(StorageError::ValueTooLarge { len: value.len(), max: VALUE_LEN_MAX });
-        }
+        check_value(value)?;
         match &self.inner {
             TxInner::Embedded(tx) => tx.set(key, value),
             #[cfg(feature = "fdb")]
@@ -372,9 +429,16 @@ pub fn decode_counter(value: &[u8]) -> i64 {
     i64::from_le_bytes(bytes)
 }
 
-fn check_key(key: &[u8]) -> Result<()> {
+pub(crate) fn check_key(key: &[u8]) -> Result<()> {
     if key.len() > KEY_LEN_MAX {
         return Err(StorageError::KeyTooLarge { len: key.len(), max: KEY_LEN_MAX });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_value(value: &[u8]) -> Result<()> {
+    if value.len() > VALUE_LEN_MAX {
+        return Err(StorageError::ValueTooLarge { len: value.len(), max: VALUE_LEN_MAX });
     }
     Ok(())
 }

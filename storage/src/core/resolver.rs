@@ -83,6 +83,8 @@ pub struct Resolver {
     history_writes_max: usize,
     /// A version accepted whose writes have not been handed in yet.
     awaiting_writes: Option<u64>,
+    /// Whether the newest history entry holds blind commits that the next one may join.
+    blind_open: bool,
 }
 
 impl Resolver {
@@ -98,6 +100,7 @@ impl Resolver {
             history_writes: 0,
             history_writes_max,
             awaiting_writes: None,
+            blind_open: false,
         }
     }
 
@@ -132,6 +135,34 @@ impl Resolver {
         Verdict::Commit(self.version)
     }
 
+    /// Accepts a transaction that read nothing (it cannot conflict) and records its writes.
+    /// Consecutive blind commits share one history entry (up to a 64th of the writes the
+    /// history holds), stamped with the newest of their versions: a reader between two of them
+    /// may see a false conflict, never a missed one, and the history keeps its reach under a
+    /// stream of tiny commits.
+    pub fn handle_blind(&mut self, writes: impl IntoIterator<Item = KeyRange>) -> u64 {
+        assert!(
+            self.awaiting_writes.is_none(),
+            "resolver: writes of version {:?} never handed in",
+            self.awaiting_writes
+        );
+        self.version += 1;
+        let shared = self.history_writes_max / 64;
+        let open = self.blind_open && self.history.back().is_some_and(|(_, w)| w.len() < shared);
+        if !open {
+            self.history.push_back((self.version, Vec::new()));
+        }
+        if let Some((version, written)) = self.history.back_mut() {
+            let before = written.len();
+            written.extend(writes);
+            *version = self.version;
+            self.history_writes += written.len() - before;
+        }
+        self.blind_open = true;
+        self.forget();
+        self.version
+    }
+
     /// Records the writes of the transaction just accepted.
     pub fn handle_writes(&mut self, writes: Vec<KeyRange>) {
         let version = self
@@ -140,7 +171,12 @@ impl Resolver {
             .expect("resolver: writes handed in without an accepted commit");
         self.history_writes += writes.len();
         self.history.push_back((version, writes));
-        // Forget the oldest commits past either cap, always keeping the newest.
+        self.blind_open = false;
+        self.forget();
+    }
+
+    /// Forgets the oldest commits past either cap, always keeping the newest.
+    fn forget(&mut self) {
         while self.history.len() > 1
             && (self.history.len() > self.history_len_max
                 || self.history_writes > self.history_writes_max)
@@ -186,6 +222,37 @@ mod tests {
         assert!(key("k").overlaps(&key("k")));
         assert!(!key("k").overlaps(&key("k\0")));
         assert!(!range("m", "m").overlaps(&range("a", "z")));
+    }
+
+    #[test]
+    fn blind_commits_share_an_entry_and_still_conflict_with_readers_before_them() {
+        let mut r = Resolver::new(10, 100, 6_400);
+        assert_eq!(r.handle_blind([key("a")]), 11);
+        assert_eq!(r.handle_blind([key("b")]), 12);
+        assert_eq!(r.history.len(), 1, "consecutive blind commits share one entry");
+        // Read before both: conflicts on either; read after both: on neither.
+        assert_eq!(commit(&mut r, 10, &[key("a")], vec![]), Verdict::Conflict);
+        assert_eq!(commit(&mut r, 10, &[key("b")], vec![]), Verdict::Conflict);
+        assert_eq!(commit(&mut r, 12, &[key("a"), key("b")], vec![key("c")]), Verdict::Commit(13));
+        // A commit with reads ends the shared entry.
+        assert_eq!(r.handle_blind([key("d")]), 14);
+        assert_eq!(r.history.len(), 3);
+        assert_eq!(commit(&mut r, 13, &[key("d")], vec![]), Verdict::Conflict);
+        assert_eq!(commit(&mut r, 13, &[key("c")], vec![]), Verdict::Commit(15));
+    }
+
+    #[test]
+    fn a_stream_of_blind_commits_stays_within_the_caps() {
+        let mut r = Resolver::new(0, 1_000, 640);
+        for i in 0..10_000u32 {
+            r.handle_blind([KeyRange::Key(i.to_be_bytes().as_slice().into())]);
+        }
+        assert!(r.history_writes <= 640, "{} writes held", r.history_writes);
+        assert!(r.history.len() > 1, "entries close so the oldest can be forgotten");
+        // What was forgotten can no longer be checked; what is held still conflicts.
+        assert!(matches!(r.handle_commit(5, &[key("x")]), Verdict::TooOld { .. }));
+        let recent = KeyRange::Key(9_999u32.to_be_bytes().as_slice().into());
+        assert_eq!(r.handle_commit(9_990, &[recent]), Verdict::Conflict);
     }
 
     #[test]
