@@ -67,7 +67,7 @@ impl Default for EmbeddedOptions {
 /// One mutation, applied in order at commit.
 #[derive(Debug, Clone)]
 enum Mutation {
-    Set(Key, Key),
+    Set(Key, Vec<u8>),
     Clear(Key),
     ClearRange(Key, Key),
     Add(Key, i64),
@@ -98,7 +98,7 @@ impl Mutation {
 impl From<Write> for Mutation {
     fn from(write: Write) -> Self {
         match write {
-            Write::Set(key, value) => Mutation::Set(key.into(), value.into()),
+            Write::Set(key, value) => Mutation::Set(key.into(), value),
             Write::Clear(key) => Mutation::Clear(key.into()),
             Write::Add(key, delta) => Mutation::Add(key.into(), delta),
             Write::ClearRange(begin, end) => Mutation::ClearRange(begin.into(), end.into()),
@@ -109,7 +109,7 @@ impl From<Write> for Mutation {
 /// The writes of a blind request handed back (only on the rare path of a full queue).
 fn writes_of(request: CommitRequest) -> Vec<Write> {
     let write = |mutation: Mutation| match mutation {
-        Mutation::Set(key, value) => Write::Set(key.to_vec(), value.to_vec()),
+        Mutation::Set(key, value) => Write::Set(key.to_vec(), value),
         Mutation::Clear(key) => Write::Clear(key.to_vec()),
         Mutation::Add(key, delta) => Write::Add(key.to_vec(), delta),
         Mutation::ClearRange(begin, end) => Write::ClearRange(begin.to_vec(), end.to_vec()),
@@ -476,9 +476,9 @@ impl Tx {
 
     pub(crate) fn set(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let mut state = self.writable(key.len() + value.len())?;
-        let (key, value): (Key, Key) = (key.into(), value.into());
-        state.overlay.insert(key.clone(), Local::Value(Some(value.clone())));
-        state.mutations.push(Mutation::Set(key, value));
+        let key: Key = key.into();
+        state.overlay.insert(key.clone(), Local::Value(Some(value.into())));
+        state.mutations.push(Mutation::Set(key, value.to_vec()));
         Ok(())
     }
 

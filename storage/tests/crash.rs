@@ -1,12 +1,14 @@
-//! Crash safety, for real: a child process commits acknowledged writes in a loop and is SIGKILLed
-//! at random moments, many times; after each kill the store reopens cleanly and holds every write
-//! the child acknowledged. Damaged files are refused with a clear error, never a panic.
+//! Crash safety, for real: a child process commits acknowledged writes in a loop (transactions
+//! and group commits in turn) and is SIGKILLed at random moments, many times; after each kill the
+//! store reopens cleanly and holds every write the child acknowledged. Damaged files are refused
+//! with a clear error, never a panic.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use cellplane_storage::group::{GroupCommitter, GroupOptions, Write};
 use cellplane_storage::{Database, EmbeddedOptions, RangeOptions, StorageError};
 
 const CHILD_ENV: &str = "CELLPLANE_CRASH_CHILD_DIR";
@@ -34,10 +36,17 @@ async fn crash_child() {
             .first()
             .map_or(0, |(k, _)| std::str::from_utf8(&k[6..]).unwrap().parse::<u64>().unwrap() + 1)
     };
+    // Every other write goes through the group committer's blind path instead of a transaction.
+    let committer = GroupCommitter::spawn(db.clone(), GroupOptions::default());
     for i in start.. {
-        let tx = db.begin().await.unwrap();
-        tx.set(&key(i), &vec![(i % 251) as u8; 1 + (i % 3_000) as usize]).unwrap();
-        tx.commit().await.unwrap();
+        let value = vec![(i % 251) as u8; 1 + (i % 3_000) as usize];
+        if i % 2 == 0 {
+            let tx = db.begin().await.unwrap();
+            tx.set(&key(i), &value).unwrap();
+            tx.commit().await.unwrap();
+        } else {
+            committer.commit(vec![Write::Set(key(i), value)]).await.unwrap();
+        }
         println!("ack {i}");
     }
 }
