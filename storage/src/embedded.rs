@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::core::resolver::{Key, KeyRange, Resolver, Verdict};
 use crate::error::{Result, StorageError};
 use crate::group::Write;
-use crate::queue::{BatchQueue, PushError};
+use crate::queue::{BatchQueue, Limits, PushError};
 use crate::{RangeOptions, RangeResult, TRANSACTION_BYTES_MAX, decode_counter, key_after};
 
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
@@ -39,8 +39,12 @@ const META_VERSION: &str = "version";
 pub struct EmbeddedOptions {
     /// Most commits waiting for the writer before callers get `Overloaded`.
     pub queue_len_max: usize,
+    /// Most bytes (keys and values written) of the commits waiting for the writer.
+    pub queue_bytes_max: usize,
     /// Most commits folded into one durable write.
     pub batch_len_max: usize,
+    /// Most bytes written by the commits folded into one durable write.
+    pub batch_bytes_max: usize,
     /// Most commits the conflict history remembers (older readers get `TransactionTooOld`).
     pub history_len_max: usize,
     /// Most written keys and ranges the conflict history holds (bounds its memory).
@@ -55,7 +59,9 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             queue_len_max: 16_384,
+            queue_bytes_max: 256 << 20,
             batch_len_max: 4_096,
+            batch_bytes_max: 64 << 20,
             history_len_max: 100_000,
             history_writes_max: 1_000_000,
             check_integrity_on_open: true,
@@ -158,7 +164,10 @@ impl Engine {
         let version = init_tables(&db).map_err(|e| open_error(e.to_string()))?;
         let shared = Arc::new(Shared {
             db,
-            queue: BatchQueue::new(options.queue_len_max),
+            queue: BatchQueue::new(Limits {
+                len_max: options.queue_len_max,
+                bytes_max: options.queue_bytes_max,
+            }),
             committed: AtomicU64::new(version),
         });
         let writer = {
@@ -167,7 +176,13 @@ impl Engine {
                 Resolver::new(version, options.history_len_max, options.history_writes_max);
             std::thread::Builder::new()
                 .name("cellplane-storage-writer".into())
-                .spawn(move || write_loop(&shared, resolver, options.batch_len_max))
+                .spawn(move || {
+                    let batch = Limits {
+                        len_max: options.batch_len_max,
+                        bytes_max: options.batch_bytes_max,
+                    };
+                    write_loop(&shared, resolver, batch)
+                })
                 .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?
         };
         Ok(Self { shared, writer: Mutex::new(Some(writer)) })
@@ -182,9 +197,10 @@ impl Engine {
         writes: Vec<Write>,
     ) -> std::result::Result<oneshot::Receiver<Result<u64>>, PushError<Vec<Write>>> {
         let (reply, answer) = oneshot::channel();
+        let bytes = writes.iter().map(Write::len).sum();
         let mutations = writes.into_iter().map(Mutation::from).collect();
         let request = CommitRequest { read_version: 0, reads: Vec::new(), mutations, reply };
-        match self.shared.queue.push(request) {
+        match self.shared.queue.push(request, bytes) {
             Ok(()) => Ok(answer),
             Err(PushError::Full(request)) => Err(PushError::Full(writes_of(request))),
             Err(PushError::Closed(request)) => Err(PushError::Closed(writes_of(request))),
@@ -241,9 +257,9 @@ fn init_tables(db: &redb::Database) -> std::result::Result<u64, redb::Error> {
 }
 
 /// The writer thread: one group commit per batch until the queue closes.
-fn write_loop(shared: &Shared, mut resolver: Resolver, batch_len_max: usize) {
-    let mut batch = Vec::with_capacity(batch_len_max);
-    while shared.queue.pop_batch(batch_len_max, &mut batch) {
+fn write_loop(shared: &Shared, mut resolver: Resolver, limits: Limits) {
+    let mut batch = Vec::with_capacity(limits.len_max);
+    while shared.queue.pop_batch(limits, &mut batch) {
         let started = std::time::Instant::now();
         let mut accepted = Vec::with_capacity(batch.len());
         let mut writes = Vec::new();
@@ -531,7 +547,7 @@ impl Tx {
     }
 
     pub(crate) async fn commit(&self) -> Result<u64> {
-        let (request, answer) = {
+        let (request, answer, bytes) = {
             let mut state = lock(&self.state);
             if state.table.take().is_none() {
                 return Err(StorageError::Finished);
@@ -547,9 +563,9 @@ impl Tx {
                 mutations: std::mem::take(&mut state.mutations),
                 reply,
             };
-            (request, answer)
+            (request, answer, state.bytes)
         };
-        match self.shared.queue.push(request) {
+        match self.shared.queue.push(request, bytes) {
             Ok(()) => {}
             Err(PushError::Full(_)) => {
                 return Err(StorageError::Overloaded { queued: self.shared.queue.len() });

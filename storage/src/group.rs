@@ -42,7 +42,7 @@ pub enum Write {
 }
 
 impl Write {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Write::Set(k, v) => k.len() + v.len(),
             Write::Clear(k) => k.len(),

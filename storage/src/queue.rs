@@ -5,13 +5,15 @@
 //! - producers never block: [`BatchQueue::push`] either enqueues or hands the item back with
 //!   `Full` (admission control: the caller backs off) or `Closed`;
 //! - the consumer blocks in [`BatchQueue::pop_batch`] until at least one item is waiting or the
-//!   queue is closed, then takes up to `batch_len_max` items in arrival order;
+//!   queue is closed, then takes items in arrival order up to a batch's [`Limits`] (items and
+//!   bytes; always at least one);
 //! - after [`BatchQueue::close`], pushes fail, and the consumer drains what was queued before it
 //!   sees the end.
 //!
 //! Invariants (model-checked by the `loom_*` tests): no item is lost or delivered twice; order
-//! per producer is kept; the queue never holds more than its capacity; a consumer waiting on an
-//! empty queue is always woken by a push or a close.
+//! per producer is kept; the queue never holds more items than its capacity (nor more bytes,
+//! unless one item alone outweighs it: unit tests); a consumer waiting on an empty queue is
+//! always woken by a push or a close.
 
 use std::collections::VecDeque;
 
@@ -26,8 +28,19 @@ pub(crate) enum PushError<T> {
     Closed(T),
 }
 
+/// How much a queue, or a batch taken from it, may hold: items and their bytes. An item heavier
+/// than `bytes_max` alone is still let through when nothing else is held, so that nothing is
+/// refused forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) len_max: usize,
+    pub(crate) bytes_max: usize,
+}
+
 struct State<T> {
-    items: VecDeque<T>,
+    /// Items with their weights in bytes.
+    items: VecDeque<(T, usize)>,
+    bytes: usize,
     closed: bool,
 }
 
@@ -35,42 +48,54 @@ struct State<T> {
 pub(crate) struct BatchQueue<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
-    capacity: usize,
+    capacity: Limits,
 }
 
 impl<T> BatchQueue<T> {
-    pub(crate) fn new(capacity: usize) -> Self {
-        assert!(capacity > 0, "a queue must hold at least one item");
+    pub(crate) fn new(capacity: Limits) -> Self {
+        assert!(capacity.len_max > 0, "a queue must hold at least one item");
         Self {
-            state: Mutex::new(State { items: VecDeque::new(), closed: false }),
+            state: Mutex::new(State { items: VecDeque::new(), bytes: 0, closed: false }),
             ready: Condvar::new(),
             capacity,
         }
     }
 
-    /// Enqueues `item` unless the queue is full or closed.
-    pub(crate) fn push(&self, item: T) -> Result<(), PushError<T>> {
+    /// Enqueues `item`, weighing `bytes`, unless the queue is full or closed.
+    pub(crate) fn push(&self, item: T, bytes: usize) -> Result<(), PushError<T>> {
         let mut state = lock(&self.state);
         if state.closed {
             return Err(PushError::Closed(item));
         }
-        if state.items.len() >= self.capacity {
+        let heavy = !state.items.is_empty() && state.bytes + bytes > self.capacity.bytes_max;
+        if state.items.len() >= self.capacity.len_max || heavy {
             return Err(PushError::Full(item));
         }
-        state.items.push_back(item);
+        state.bytes += bytes;
+        state.items.push_back((item, bytes));
         drop(state);
         self.ready.notify_one();
         Ok(())
     }
 
-    /// Blocks until items are waiting, then moves up to `batch_len_max` of them into `batch`.
-    /// Returns `false` once the queue is closed and empty.
-    pub(crate) fn pop_batch(&self, batch_len_max: usize, batch: &mut Vec<T>) -> bool {
+    /// Blocks until items are waiting, then moves into `batch`, in order, as many as `limits`
+    /// allow (always at least one). Returns `false` once the queue is closed and empty.
+    pub(crate) fn pop_batch(&self, limits: Limits, batch: &mut Vec<T>) -> bool {
         let mut state = lock(&self.state);
         loop {
             if !state.items.is_empty() {
-                let take = state.items.len().min(batch_len_max);
-                batch.extend(state.items.drain(..take));
+                let (mut taken, mut bytes) = (0, 0);
+                while let Some((_, weight)) = state.items.front() {
+                    if taken == limits.len_max || (taken > 0 && bytes + weight > limits.bytes_max) {
+                        break;
+                    }
+                    bytes += weight;
+                    taken += 1;
+                    if let Some((item, _)) = state.items.pop_front() {
+                        batch.push(item);
+                    }
+                }
+                state.bytes -= bytes;
                 return true;
             }
             if state.closed {
@@ -107,31 +132,54 @@ fn lock<T>(mutex: &Mutex<T>) -> crate::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    fn items(len_max: usize) -> Limits {
+        Limits { len_max, bytes_max: usize::MAX }
+    }
+
     #[test]
     fn bounded_fifo_batches() {
-        let q = BatchQueue::new(3);
+        let q = BatchQueue::new(items(3));
         for i in 0..3 {
-            q.push(i).unwrap();
+            q.push(i, 1).unwrap();
         }
-        assert_eq!(q.push(9), Err(PushError::Full(9)));
+        assert_eq!(q.push(9, 1), Err(PushError::Full(9)));
         let mut batch = Vec::new();
-        assert!(q.pop_batch(2, &mut batch));
+        assert!(q.pop_batch(items(2), &mut batch));
         assert_eq!(batch, [0, 1]);
-        assert!(q.pop_batch(10, &mut batch));
+        assert!(q.pop_batch(items(10), &mut batch));
         assert_eq!(batch, [0, 1, 2]);
         q.close();
-        assert_eq!(q.push(4), Err(PushError::Closed(4)));
-        assert!(!q.pop_batch(10, &mut batch));
+        assert_eq!(q.push(4, 1), Err(PushError::Closed(4)));
+        assert!(!q.pop_batch(items(10), &mut batch));
+    }
+
+    #[test]
+    fn bytes_bound_the_queue_and_each_batch_but_never_starve_a_heavy_item() {
+        let q = BatchQueue::new(Limits { len_max: 100, bytes_max: 10 });
+        q.push('a', 6).unwrap();
+        assert_eq!(q.push('b', 6), Err(PushError::Full('b')), "12 bytes would be held");
+        q.push('b', 4).unwrap();
+        let mut batch = Vec::new();
+        assert!(q.pop_batch(Limits { len_max: 10, bytes_max: 5 }, &mut batch));
+        assert_eq!(batch, ['a'], "one item always goes, even past the batch's bytes");
+        assert!(q.pop_batch(Limits { len_max: 10, bytes_max: 5 }, &mut batch));
+        assert_eq!(batch, ['a', 'b']);
+        q.push('c', 50).unwrap(); // heavier than the whole queue, but alone: let through
+        assert_eq!(q.push('d', 1), Err(PushError::Full('d')));
+        batch.clear();
+        assert!(q.pop_batch(items(10), &mut batch));
+        assert_eq!(batch, ['c']);
+        q.push('d', 1).unwrap();
     }
 
     #[test]
     fn close_drains_before_ending() {
-        let q = BatchQueue::new(8);
-        q.push(1).unwrap();
+        let q = BatchQueue::new(items(8));
+        q.push(1, 1).unwrap();
         q.close();
         let mut batch = Vec::new();
-        assert!(q.pop_batch(8, &mut batch));
-        assert!(!q.pop_batch(8, &mut batch));
+        assert!(q.pop_batch(items(8), &mut batch));
+        assert!(!q.pop_batch(items(8), &mut batch));
         assert_eq!(batch, [1]);
     }
 }
@@ -139,6 +187,10 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
+
+    fn items(len_max: usize) -> Limits {
+        Limits { len_max, bytes_max: usize::MAX }
+    }
     use loom::sync::Arc;
     use loom::thread;
 
@@ -150,14 +202,14 @@ mod loom_tests {
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(3);
         model.check(|| {
-            let q = Arc::new(BatchQueue::new(2));
+            let q = Arc::new(BatchQueue::new(items(2)));
             let producers: Vec<_> = (0..2u32)
                 .map(|p| {
                     let q = q.clone();
                     thread::spawn(move || {
                         let mut pushed = Vec::new();
                         for i in 0..2 {
-                            if q.push(p * 10 + i).is_ok() {
+                            if q.push(p * 10 + i, 1).is_ok() {
                                 pushed.push(p * 10 + i);
                             }
                         }
@@ -169,7 +221,7 @@ mod loom_tests {
                 let q = q.clone();
                 thread::spawn(move || {
                     let mut got = Vec::new();
-                    while q.pop_batch(1, &mut got) {
+                    while q.pop_batch(items(1), &mut got) {
                         assert!(q.len() <= 2, "queue over capacity");
                     }
                     got
@@ -194,16 +246,16 @@ mod loom_tests {
     #[test]
     fn loom_push_wakes_a_waiting_consumer() {
         loom::model(|| {
-            let q = Arc::new(BatchQueue::new(1));
+            let q = Arc::new(BatchQueue::new(items(1)));
             let consumer = {
                 let q = q.clone();
                 thread::spawn(move || {
                     let mut got = Vec::new();
-                    assert!(q.pop_batch(4, &mut got));
+                    assert!(q.pop_batch(items(4), &mut got));
                     got
                 })
             };
-            q.push(7).unwrap();
+            q.push(7, 1).unwrap();
             assert_eq!(consumer.join().unwrap(), [7]);
         });
     }
