@@ -145,6 +145,8 @@ pub struct State {
     idempotency_order: VecDeque<(TenantId, [u8; 16])>,
     dirty: BTreeSet<u32>,
     unplaced: BTreeSet<u32>,
+    /// Workloads with a crash-loop backoff running: ticked on every retry.
+    backing_off: BTreeSet<u32>,
     in_flight: usize,
     host_counts: [u32; 5],
 }
@@ -184,6 +186,7 @@ impl Actor for Workloads {
             idempotency_order: VecDeque::new(),
             dirty: BTreeSet::new(),
             unplaced: BTreeSet::new(),
+            backing_off: BTreeSet::new(),
             in_flight: 0,
             host_counts: [0; 5],
         };
@@ -280,6 +283,14 @@ impl Actor for Workloads {
                         entry.controller.handle_retry();
                         state.dirty.insert(id);
                     }
+                }
+                for id in std::mem::take(&mut state.backing_off) {
+                    let Some(entry) = state.entry_mut(id) else { continue };
+                    entry.controller.handle_tick();
+                    if entry.controller.needs_ticks() {
+                        state.backing_off.insert(id);
+                    }
+                    state.dirty.insert(id);
                 }
             }
         }
@@ -550,6 +561,7 @@ impl State {
         self.entries[id as usize] = None;
         self.free_ids.push(id);
         self.unplaced.remove(&id);
+        self.backing_off.remove(&id);
         outcome.deleted.push(target);
         Ok(Message::Done(0))
     }
@@ -704,7 +716,12 @@ impl State {
         let entry = self.entry_mut(id).expect("found");
         let before: Vec<_> = entry.controller.slots().collect();
         entry.controller.handle_status(report.ordinal, report.host, report.epoch, report.phase);
-        if entry.controller.slots().ne(before) {
+        let (changed, backing_off) =
+            (entry.controller.slots().ne(before), entry.controller.needs_ticks());
+        if backing_off {
+            self.backing_off.insert(id);
+        }
+        if changed {
             self.dirty.insert(id);
             outcome.changed.insert(id);
         }

@@ -182,6 +182,11 @@ fn apply(tenant: &str, key: u8, spec: WorkloadSpec) -> Message {
 
 /// Hosts report every assigned replica of `status` as running.
 fn report_running(cell: &Harness, status: &WorkloadStatus, epoch: u64) {
+    report(cell, status, epoch, ReplicaPhase::Running);
+}
+
+/// Hosts report every assigned replica of `status` in `phase`.
+fn report(cell: &Harness, status: &WorkloadStatus, epoch: u64, phase: ReplicaPhase) {
     for r in &status.replicas {
         if let (Some(host), ReplicaPhase::Assigned) = (r.host, r.phase) {
             let report = StatusReport {
@@ -190,7 +195,7 @@ fn report_running(cell: &Harness, status: &WorkloadStatus, epoch: u64) {
                 workload: r.workload.clone(),
                 ordinal: r.ordinal,
                 epoch,
-                phase: ReplicaPhase::Running,
+                phase,
                 detail: String::new(),
             };
             cell.gateway.send(&host_peer(), Message::Status(Box::new(report))).unwrap();
@@ -496,5 +501,62 @@ async fn vm_power_and_a_new_image_reach_the_hosts_as_commands() {
             "assign web web:2"
         ]
     );
+    cell.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_keeps_failing_is_replaced_with_growing_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let cell = Harness::start(dir.path()).await;
+    cell.call(tenant("acme", 100)).await.unwrap();
+    for h in 1..=2 {
+        cell.register(h, 8_000).await;
+    }
+    let mut streams = [cell.subscribe(1), cell.subscribe(2)];
+    // The next assignment a host is told of, heartbeating both hosts meanwhile.
+    let mut seq = 0;
+    let mut next_assignment = async || {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            seq += 1;
+            cell.beat(1, seq);
+            cell.beat(2, seq);
+            for stream in &mut streams {
+                while let Ok(message) = stream.try_recv() {
+                    if let Message::Assign(a) = message {
+                        return a.replica;
+                    }
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never placed again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let answer =
+        cell.as_tenant("acme", apply("acme", 1, spec("crashy", 1, Controller::Replicated)));
+    assert!(matches!(answer.await, Ok(Message::Done(_))));
+    // Fail it as soon as it is placed, six times; time each replacement.
+    let mut replica = next_assignment().await;
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        let failed = StatusReport {
+            host: replica.host.expect("assigned to a host"),
+            tenant: TenantId::new("acme").unwrap(),
+            workload: replica.workload.clone(),
+            ordinal: replica.ordinal,
+            epoch: replica.epoch,
+            phase: ReplicaPhase::Failed,
+            detail: "exit status 1".into(),
+        };
+        cell.gateway.send(&host_peer(), Message::Status(Box::new(failed))).unwrap();
+        let failed_at = tokio::time::Instant::now();
+        replica = next_assignment().await;
+        waits.push(failed_at.elapsed());
+    }
+    // The sixth consecutive failure holds the slot for 16 retry ticks of 50 ms; without a
+    // backoff it would be placed again within one reconcile.
+    assert!(waits[5] >= Duration::from_millis(500), "no backoff: {waits:?}");
+    assert!(waits[5] > waits[1], "the hold grows: {waits:?}");
+    drop(streams);
     cell.stop().await;
 }

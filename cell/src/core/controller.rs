@@ -12,7 +12,12 @@
 //! - a host going down empties its slots, which ask for placement again (on another host);
 //! - status reports carry the assignment's epoch and host: one from an older epoch or another
 //!   host is stale and ignored, so a host that missed a failover cannot move a slot's state;
-//! - a replica that failed is replaced like one whose host went down;
+//! - a replica that failed is replaced like one whose host went down, but a slot that keeps
+//!   failing backs off (crash-loop backoff, as Kubernetes does): its `n`-th consecutive failure
+//!   holds it empty for `2^(n-2)` retry ticks (none for the first, at most
+//!   [`BACKOFF_TICKS_MAX`]) before it is placed again; [`STABLE_TICKS`] ticks of running forget
+//!   its failures. Ticks come from [`WorkloadController::handle_tick`] while
+//!   [`WorkloadController::needs_ticks`];
 //! - VM power: `Stop` makes running VM slots stop (keeping their placement); `Start` starts them
 //!   again; `Reboot` asks their hosts to reset them.
 //! - rolling update: a spec whose template changed (anything but the replica count and VM
@@ -69,6 +74,14 @@ pub enum Action {
     },
 }
 
+/// The longest a failing slot is held empty: 600 ticks, 5 minutes at the cell's default 500 ms
+/// retry tick (Kubernetes' crash-loop cap).
+pub const BACKOFF_TICKS_MAX: u32 = 600;
+
+/// Ticks of running after which a slot's failures are forgotten: 10 minutes at 500 ms (as
+/// Kubernetes resets its backoff).
+pub const STABLE_TICKS: u32 = 1_200;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
     host: Option<HostId>,
@@ -77,11 +90,24 @@ struct Slot {
     placing: bool,
     /// The spec generation it was assigned under.
     generation: u64,
+    /// Consecutive failures of the replicas in this slot.
+    failures: u32,
+    /// Ticks left before an empty slot may be placed again.
+    hold: u32,
+    /// Ticks it has been running since its last failure.
+    stable: u32,
 }
 
 impl Slot {
-    const EMPTY: Slot =
-        Slot { host: None, phase: ReplicaPhase::Pending, placing: false, generation: 0 };
+    const EMPTY: Slot = Slot {
+        host: None,
+        phase: ReplicaPhase::Pending,
+        placing: false,
+        generation: 0,
+        failures: 0,
+        hold: 0,
+        stable: 0,
+    };
 }
 
 /// The controller of one workload.
@@ -112,7 +138,7 @@ impl WorkloadController {
             .into_iter()
             .map(|(ordinal, host, generation)| {
                 let phase = ReplicaPhase::Assigned;
-                (ordinal, Slot { host: Some(host), phase, placing: false, generation })
+                (ordinal, Slot { host: Some(host), phase, generation, ..Slot::EMPTY })
             })
             .collect();
         let mut controller = Self { spec, epoch, generation, slots, actions: VecDeque::new() };
@@ -156,8 +182,14 @@ impl WorkloadController {
         };
         assert!(slot.host.is_none(), "controller: slot {ordinal} placed twice");
         let generation = self.generation;
-        *slot =
-            Slot { host: Some(host), phase: ReplicaPhase::Assigned, placing: false, generation };
+        *slot = Slot {
+            host: Some(host),
+            phase: ReplicaPhase::Assigned,
+            placing: false,
+            generation,
+            stable: 0,
+            ..*slot
+        };
         self.actions.push_back(Action::Assign { ordinal, host, epoch: self.epoch, generation });
     }
 
@@ -176,9 +208,14 @@ impl WorkloadController {
         }
         slot.phase = phase;
         if phase == ReplicaPhase::Failed {
-            // Replace it: free the slot; the next reconcile places it again.
+            // Replace it: free the slot; a reconcile places it again once its hold is over.
             self.actions.push_back(Action::Stop { ordinal, host });
-            *slot = Slot::EMPTY;
+            let failures = slot.failures.saturating_add(1);
+            let hold = match failures {
+                1 => 0,
+                n => 1u32.checked_shl(n - 2).unwrap_or(u32::MAX).min(BACKOFF_TICKS_MAX),
+            };
+            *slot = Slot { failures, hold, ..Slot::EMPTY };
         }
         self.reconcile();
     }
@@ -208,6 +245,26 @@ impl WorkloadController {
     /// Asks again for placement of every empty slot (after the scheduler refused some).
     pub fn handle_retry(&mut self) {
         self.reconcile();
+    }
+
+    /// One retry tick: holds run down, running slots count towards forgetting their failures,
+    /// and slots whose hold is over ask for placement.
+    pub fn handle_tick(&mut self) {
+        for slot in self.slots.values_mut() {
+            slot.hold = slot.hold.saturating_sub(1);
+            if slot.failures > 0 && slot.phase == ReplicaPhase::Running {
+                slot.stable += 1;
+                if slot.stable >= STABLE_TICKS {
+                    (slot.failures, slot.stable) = (0, 0);
+                }
+            }
+        }
+        self.reconcile();
+    }
+
+    /// Whether the controller has a backoff to run down (it wants [`Self::handle_tick`]).
+    pub fn needs_ticks(&self) -> bool {
+        self.slots.values().any(|s| s.hold > 0 || s.failures > 0)
     }
 
     /// Whether some slot waits for a host.
@@ -259,7 +316,11 @@ impl WorkloadController {
         let ordered = self.spec.controller == Controller::Stateful;
         let mut previous_running = true;
         for (&ordinal, slot) in self.slots.iter_mut() {
-            if slot.host.is_none() && !slot.placing && (!ordered || previous_running) {
+            if slot.host.is_none()
+                && !slot.placing
+                && slot.hold == 0
+                && (!ordered || previous_running)
+            {
                 slot.placing = true;
                 self.actions.push_back(Action::Place { ordinal });
             }
@@ -466,6 +527,44 @@ mod tests {
         assert_eq!(slots[2], (2, Some(HostId(6)), ReplicaPhase::Assigned));
     }
 
+    #[test]
+    fn a_slot_that_keeps_failing_backs_off_and_running_long_enough_forgets_it() {
+        let mut c = WorkloadController::new(spec(Controller::Replicated, 1, false), 3);
+        let mut host = 0;
+        // Fails as soon as it is assigned; count the ticks until it asks for a host again.
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            assert_eq!(drain(&mut c), [Action::Place { ordinal: 0 }]);
+            host += 1;
+            c.handle_placed(0, HostId(host));
+            c.handle_status(0, HostId(host), 3, ReplicaPhase::Failed);
+            let mut ticks = 0;
+            while !drain(&mut c).iter().any(|a| matches!(a, Action::Place { .. })) {
+                assert!(c.needs_ticks());
+                c.handle_tick();
+                ticks += 1;
+            }
+            waits.push(ticks);
+            c.handle_unplaced(0); // ask again next time round
+            c.handle_tick();
+        }
+        assert_eq!(waits, [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, BACKOFF_TICKS_MAX]);
+
+        // Placed and running for STABLE_TICKS: the next failure is replaced at once again.
+        drain(&mut c);
+        host += 1;
+        c.handle_placed(0, HostId(host));
+        c.handle_status(0, HostId(host), 3, ReplicaPhase::Running);
+        for _ in 0..STABLE_TICKS {
+            assert!(c.needs_ticks());
+            c.handle_tick();
+        }
+        assert!(!c.needs_ticks(), "failures forgotten");
+        drain(&mut c);
+        c.handle_status(0, HostId(host), 3, ReplicaPhase::Failed);
+        assert!(drain(&mut c).contains(&Action::Place { ordinal: 0 }));
+    }
+
     /// Seeded chaos: hosts die, replicas fail, reports arrive twice, late or from the past; a slot
     /// is never assigned while it holds an assignment, and once faults stop every slot runs.
     #[test]
@@ -483,8 +582,9 @@ mod tests {
                 let mut holding: HashMap<u32, HostId> = HashMap::new();
                 let mut down = [false; 8];
                 let mut reports: Vec<(u32, HostId, u64, ReplicaPhase)> = Vec::new();
-                for step in 0..400 {
+                for step in 0..1_000 {
                     let calm = step >= 200;
+                    c.handle_tick();
                     while let Some(action) = c.poll_action() {
                         match action {
                             Action::Place { ordinal } => {
