@@ -119,6 +119,8 @@ pub struct Workloads;
 struct Entry {
     key: WorkloadKey,
     controller: WorkloadController,
+    /// Its slots and empty slots when last counted into the cell's totals.
+    counted: (u64, u64),
 }
 
 struct TenantState {
@@ -149,6 +151,9 @@ pub struct State {
     backing_off: BTreeSet<u32>,
     in_flight: usize,
     host_counts: [u32; 5],
+    /// Slots and empty slots of every workload, kept as controllers change (for summaries).
+    replicas: u64,
+    pending: u64,
 }
 
 fn refuse(code: ErrorCode, detail: impl Into<String>) -> ErrorReply {
@@ -189,6 +194,8 @@ impl Actor for Workloads {
             backing_off: BTreeSet::new(),
             in_flight: 0,
             host_counts: [0; 5],
+            replicas: 0,
+            pending: 0,
         };
         let mut outcome = Outcome::default();
         state.restore(stored, &mut outcome);
@@ -352,7 +359,7 @@ impl State {
                 }
                 let controller =
                     WorkloadController::restore(w.spec, self.epoch, w.generation, kept.clone());
-                let entry_id = self.insert(Entry { key, controller });
+                let entry_id = self.insert(Entry { key, controller, counted: (0, 0) });
                 for (ordinal, host, _) in kept {
                     self.on_host.entry(host).or_default().push((entry_id, ordinal));
                 }
@@ -485,7 +492,7 @@ impl State {
             None => {
                 let key = (tenant_id.clone(), name.clone());
                 let controller = WorkloadController::new(spec, self.epoch);
-                self.insert(Entry { key, controller })
+                self.insert(Entry { key, controller, counted: (0, 0) })
             }
         };
         let controller = &self.entry(id).expect("just set").controller;
@@ -558,7 +565,10 @@ impl State {
         if let Some(t) = self.tenants.get_mut(&target.tenant) {
             t.workloads.remove(&target.workload);
         }
-        self.entries[id as usize] = None;
+        if let Some(entry) = self.entries[id as usize].take() {
+            self.replicas -= entry.counted.0;
+            self.pending -= entry.counted.1;
+        }
         self.free_ids.push(id);
         self.unplaced.remove(&id);
         self.backing_off.remove(&id);
@@ -620,28 +630,32 @@ impl State {
     }
 
     fn summary(&self) -> CellSummary {
-        let mut hosts = [0u32; 5];
-        for state in self.hosts.values() {
-            hosts[*state as usize] += 1;
-        }
         let (cpu_milli, memory_mib) = self.scheduler.totals();
-        let mut replicas = 0;
-        let mut pending = 0;
-        for entry in self.entries.iter().flatten() {
-            for (_, host, _) in entry.controller.slots() {
-                replicas += 1;
-                pending += u64::from(host.is_none());
-            }
+        #[cfg(debug_assertions)]
+        {
+            // The totals are kept incrementally; tests (debug builds) check them against a scan.
+            let scan = self.entries.iter().flatten().map(|e| e.controller.counts());
+            let (replicas, pending) = scan.fold((0, 0), |(r, p), (er, ep)| (r + er, p + ep));
+            assert_eq!(
+                (replicas, pending),
+                (self.replicas, self.pending),
+                "replica totals drifted"
+            );
+            let mut hosts = [0u32; 5];
+            self.hosts.values().for_each(|state| hosts[*state as usize] += 1);
+            assert_eq!(hosts, self.host_counts, "host counts drifted");
+            let workloads = self.entries.iter().flatten().count();
+            assert_eq!(workloads, self.entries.len() - self.free_ids.len(), "ids drifted");
         }
         CellSummary {
             cell: self.shared.config.cell.clone(),
             epoch: self.epoch,
-            hosts,
+            hosts: self.host_counts,
             cpu_milli,
             memory_mib,
-            workloads: self.entries.iter().flatten().count() as u32,
-            replicas,
-            pending,
+            workloads: (self.entries.len() - self.free_ids.len()) as u32,
+            replicas: self.replicas,
+            pending: self.pending,
         }
     }
 
@@ -772,6 +786,11 @@ impl State {
                 while let Some(action) = entry.controller.poll_action() {
                     actions.push(action);
                 }
+                // Every change to a controller marks it dirty, so this keeps the totals exact.
+                let (before, now) = (entry.counted, entry.controller.counts());
+                entry.counted = now;
+                self.replicas = self.replicas + now.0 - before.0;
+                self.pending = self.pending + now.1 - before.1;
                 for action in actions {
                     self.act(id, action, &mut places, outcome);
                 }

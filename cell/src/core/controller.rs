@@ -267,6 +267,12 @@ impl WorkloadController {
         self.slots.values().any(|s| s.hold > 0 || s.failures > 0)
     }
 
+    /// How many slots it has, and how many of them wait for a host.
+    pub fn counts(&self) -> (u64, u64) {
+        let empty = self.slots.values().filter(|s| s.host.is_none()).count();
+        (self.slots.len() as u64, empty as u64)
+    }
+
     /// Whether some slot waits for a host.
     pub fn has_empty_slots(&self) -> bool {
         self.slots.values().any(|s| s.host.is_none())
