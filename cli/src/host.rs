@@ -33,7 +33,8 @@ pub struct HostArgs {
     /// Disk it offers, in GiB.
     #[arg(long, default_value_t = 10)]
     pub disk_gib: u32,
-    /// Where each replica's output is written.
+    /// Where each replica's output is written, with a pid file per running process; an agent
+    /// restarted over the same directory adopts the processes its predecessor left running.
     #[arg(long, default_value = "cellplane-logs")]
     pub logs: PathBuf,
 }

@@ -433,6 +433,83 @@ async fn workloads_outlive_a_killed_cell_and_are_reconciled_not_restarted() {
     let _ = Command::new("kill").arg(pid.to_string()).status();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_what_its_killed_predecessor_left_running() {
+    let dir = tempfile::tempdir().unwrap();
+    // Leases long enough that the host stays ready while its agent restarts (as under a
+    // supervisor that restarts it at once); past the lease the cell would re-place its slots.
+    setup_region_with(dir.path(), "hosts_max = 64\nshard_hosts = 16", 5_000, 10_000);
+    let cell = CellProcess::start(dir.path());
+    let router = cell.as_peer(dir.path(), "r1").await;
+    put_acme(&router, 10_000, 5).await;
+    let logs = dir.path().join("logs");
+    let agent = start_agent(dir.path(), cell.addr, &logs);
+    let client = cell.as_peer(dir.path(), "acme").await;
+    // Two sleeping workloads; each prints its pid once per start.
+    for (key, name) in [(3u8, "web"), (4, "gone")] {
+        let mut spec = web(1);
+        spec.name = WorkloadName::new(name).unwrap();
+        spec.kind = WorkloadKind::Container(ContainerSpec {
+            image: "none".into(),
+            command: vec!["sh".into(), "-c".into(), "echo started $$; exec sleep 600".into()],
+            env: Default::default(),
+        });
+        let tenant = TenantId::new("acme").unwrap();
+        let apply = Message::Apply(Box::new(Apply { tenant, idempotency_key: [key; 16], spec }));
+        assert!(matches!(client.request(0, &apply, DEADLINE).await, Ok(Message::Done(_))));
+    }
+    let pid_of = |name: &str| -> Option<u32> {
+        let log = std::fs::read_to_string(logs.join(format!("acme.{name}.0.log"))).ok()?;
+        assert!(log.lines().count() <= 1, "{name} started twice: {log:?}");
+        log.trim().strip_prefix("started ")?.parse().ok()
+    };
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pid_of("web").is_none() || pid_of("gone").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the workloads never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (web_pid, gone_pid) = (pid_of("web").unwrap(), pid_of("gone").unwrap());
+
+    // The agent is SIGKILLed: its workloads keep running. One is deleted meanwhile.
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(web_pid) && alive(gone_pid), "the workloads died with their agent");
+    let gone = Message::Delete(Box::new(WorkloadRef {
+        tenant: TenantId::new("acme").unwrap(),
+        workload: WorkloadName::new("gone").unwrap(),
+    }));
+    assert!(matches!(client.request(0, &gone, DEADLINE).await, Ok(Message::Done(_))));
+
+    // A new agent on the same host and directory: it adopts web (same process, no second
+    // start) and stops what no slot claims any more.
+    let agent = start_agent(dir.path(), cell.addr, &logs);
+    until_replica(&client, |r| r.phase == ReplicaPhase::Running).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while alive(gone_pid) {
+        assert!(std::time::Instant::now() < deadline, "the deleted workload's process was kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alive(web_pid), "the adopted workload was killed");
+    assert_eq!(pid_of("web"), Some(web_pid), "the workload was started again");
+
+    // Adopted means controlled: deleting web stops its process.
+    assert!(matches!(client.request(0, &web_delete(), DEADLINE).await, Ok(Message::Done(_))));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while alive(web_pid) {
+        assert!(std::time::Instant::now() < deadline, "the adopted process outlived its delete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(agent);
+}
+
+fn web_delete() -> Message {
+    Message::Delete(Box::new(WorkloadRef {
+        tenant: TenantId::new("acme").unwrap(),
+        workload: WorkloadName::new("web").unwrap(),
+    }))
+}
+
 #[test]
 fn the_demo_brings_a_region_up_exercises_it_and_reports_json() {
     let out = Command::new(env!("CARGO_BIN_EXE_cellplane"))

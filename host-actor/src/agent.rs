@@ -77,7 +77,11 @@ pub async fn run(
                     }
                     Some(Ok(Message::Unassign(u))) => core.handle_unassign(&u),
                     Some(Ok(Message::Power(p))) => core.handle_power(&p),
-                    Some(Ok(Message::Synced(epoch))) => core.handle_synced(epoch),
+                    Some(Ok(Message::Synced(epoch))) => {
+                        core.handle_synced(epoch);
+                        carry_out(&mut core, driver.as_ref());
+                        driver.synced();
+                    }
                     Some(Ok(other)) => tracing::debug!(?other, "ignored"),
                     Some(Err(_)) | None => break, // the cell went away or ended the stream
                 },

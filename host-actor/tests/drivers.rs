@@ -9,7 +9,7 @@ use cellplane_api::{
 };
 use cellplane_host_actor::core::host::SlotKey;
 use cellplane_host_actor::driver::{
-    Driver, DriverError, DriverEvent, ProcessDriver, RestartPolicy, SimDriver,
+    Driver, DriverError, DriverEvent, ProcessDriver, RestartPolicy, SLOT_VAR, SimDriver,
 };
 use tokio::sync::mpsc;
 
@@ -199,4 +199,77 @@ async fn bad_assignments_are_refused_with_a_reason_and_the_rest_keeps_running() 
     }
     assert_eq!(driver.running(), 1);
     driver.stop(&key("good"));
+}
+
+/// What the `.pid` file of a process started by an earlier agent says (the on-disk format).
+fn pid_file(dir: &std::path::Path, name: &str, pid: u32, script: &str) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let started: u64 =
+        stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap();
+    let record = serde_json::json!({
+        "tenant": "acme", "workload": name, "ordinal": 0, "pid": pid, "started": started,
+        "command": ["sh", "-c", script], "env": {"GREETING": "hello from cellplane"},
+    });
+    std::fs::write(dir.join(format!("acme.{name}.0.pid")), record.to_string()).unwrap();
+}
+
+#[tokio::test]
+async fn a_new_driver_adopts_a_recorded_process_stops_the_unclaimed_and_ignores_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "exec sleep 60";
+    // Processes an earlier agent left: one the cell gives back, one it does not, one whose
+    // spec changed meanwhile; plus a record of a dead process and two damaged files.
+    let mut left: Vec<_> = ["kept", "unclaimed", "changed"]
+        .iter()
+        .map(|name| {
+            let mut command = std::process::Command::new("sh");
+            command.args(["-c", script]).env(SLOT_VAR, format!("acme.{name}.0"));
+            command.spawn().unwrap()
+        })
+        .collect();
+    // A live process that is not ours, named by a doctored file: never adopted, never killed.
+    let mut stranger = std::process::Command::new("sh").args(["-c", script]).spawn().unwrap();
+    pid_file(dir.path(), "stranger", stranger.id(), script);
+    let pids: Vec<u32> = left.iter().map(std::process::Child::id).collect();
+    pid_file(dir.path(), "kept", pids[0], script);
+    pid_file(dir.path(), "unclaimed", pids[1], script);
+    pid_file(dir.path(), "changed", pids[2], script);
+    std::fs::write(dir.path().join("acme.dead.0.pid"), r#"{"tenant":"acme","workload":"dead","ordinal":0,"pid":4000000,"started":1,"command":[],"env":{}}"#).unwrap();
+    std::fs::write(dir.path().join("acme.garbage.0.pid"), b"\xff\x00 not json").unwrap();
+    std::fs::write(
+        dir.path().join("acme..0.pid"),
+        r#"{"tenant":"","workload":"","ordinal":0,"pid":1,"started":0,"command":[],"env":{}}"#,
+    )
+    .unwrap();
+
+    let (sender, mut events) = mpsc::channel(16);
+    let driver = ProcessDriver::new(sender, dir.path().into(), RestartPolicy::default());
+    for bad in ["acme.dead.0.pid", "acme.garbage.0.pid", "acme..0.pid", "acme.stranger.0.pid"] {
+        assert!(!dir.path().join(bad).exists(), "{bad} was kept");
+    }
+    driver.start(key("kept"), &process("kept", script)).unwrap();
+    let adopted = next(&mut events).await;
+    assert_eq!(
+        (adopted.phase, adopted.detail),
+        (ReplicaPhase::Running, format!("pid {} (adopted)", pids[0]))
+    );
+    driver.start(key("changed"), &process("changed", "exec sleep 61")).unwrap();
+    let fresh = next(&mut events).await;
+    assert_eq!(fresh.phase, ReplicaPhase::Running);
+    assert_ne!(fresh.detail, format!("pid {} (adopted)", pids[2]));
+    driver.synced();
+    // The unclaimed and the changed ones are killed (they are our children here: reap them).
+    assert!(left[1].wait().is_ok_and(|s| !s.success()));
+    assert!(left[2].wait().is_ok_and(|s| !s.success()));
+    assert!(!dir.path().join("acme.unclaimed.0.pid").exists());
+    // The adopted one is controlled: a stop kills it.
+    driver.stop(&key("kept"));
+    assert_eq!(next(&mut events).await.phase, ReplicaPhase::Stopped);
+    assert!(left[0].wait().is_ok_and(|s| !s.success()));
+    assert!(!dir.path().join("acme.kept.0.pid").exists());
+    driver.stop(&key("changed"));
+    assert_eq!(next(&mut events).await.phase, ReplicaPhase::Stopped);
+    assert!(stranger.try_wait().unwrap().is_none(), "a process that is not ours was killed");
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
 }
