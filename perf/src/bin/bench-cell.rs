@@ -36,12 +36,7 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    cellplane_perf::rss_kib(std::process::id())
 }
 
 fn host(id: u64) -> Host {

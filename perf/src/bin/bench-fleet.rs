@@ -7,51 +7,18 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{CellSummary, Message};
 use cellplane_api::{HostState, Name, TenantId};
 use cellplane_chaos::process::Killed;
-use cellplane_perf::report;
+use cellplane_perf::{binary, cores, report, rss_kib};
 use cellplane_transport::identity::load_ca_certificate;
 use cellplane_transport::{CertificateAuthority, Connection, Credentials, Identity, Role, Setup};
 
 const STEADY: Duration = Duration::from_secs(10);
-
-fn binary() -> PathBuf {
-    let me = std::env::current_exe().expect("own path");
-    let path = me.with_file_name("cellplane");
-    assert!(path.exists(), "build it first: cargo build --release -p cellplane");
-    path
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0 // utime, stime in clock ticks (100 per second)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Cores a process used over `window`.
-async fn cores(pid: u32, window: Duration) -> f64 {
-    let before = cpu_seconds(pid);
-    tokio::time::sleep(window).await;
-    (cpu_seconds(pid) - before) / window.as_secs_f64()
-}
 
 async fn summary(router: &Connection) -> CellSummary {
     match router.request(0, &Message::SummaryRequest, Duration::from_secs(30)).await {
@@ -124,7 +91,7 @@ async fn main() {
     );
     report(
         "cell CPU, idle (floor)",
-        cores(cell_pid, Duration::from_secs(3)).await * 1e3,
+        cores(&[cell_pid], Duration::from_secs(3)).await * 1e3,
         "millicores",
     );
 
@@ -160,7 +127,9 @@ async fn main() {
     }
     report("all hosts ready, from the fleet's start", started.elapsed().as_secs_f64(), "s");
 
-    let (cell_cores, fleet_cores) = tokio::join!(cores(cell_pid, STEADY), cores(fleet_pid, STEADY));
+    let (cell_pids, fleet_pids) = ([cell_pid], [fleet_pid]);
+    let (cell_cores, fleet_cores) =
+        tokio::join!(cores(&cell_pids, STEADY), cores(&fleet_pids, STEADY));
     let after = summary(&router).await;
     report("cell CPU, steady heartbeats", cell_cores * 1e3, "millicores");
     report("fleet CPU, steady heartbeats", fleet_cores * 1e3, "millicores");

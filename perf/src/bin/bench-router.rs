@@ -12,13 +12,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cellplane_api::wire::{Apply, DrainRequest, Message};
 use cellplane_api::*;
 use cellplane_chaos::process::{self, Killed};
-use cellplane_perf::{rate, report};
+use cellplane_perf::{binary, rate, report};
 use cellplane_region::router::{CellEntry, RouterLimits};
 use cellplane_region::{Router, RouterConfig};
 use cellplane_storage::Database;
@@ -35,12 +35,6 @@ fn spawn(bin: &Path, args: &[&str], dir: &Path) -> (Killed, String) {
 
 fn address(line: &str) -> SocketAddr {
     process::address(line).expect("an address")
-}
-
-fn binary() -> PathBuf {
-    let path = std::env::current_exe().expect("own path").with_file_name("cellplane");
-    assert!(path.exists(), "build it first: cargo build --release -p cellplane");
-    path
 }
 
 fn p99(mut samples: Vec<Duration>) -> Duration {
