@@ -728,12 +728,10 @@ impl State {
     fn report(&mut self, report: StatusReport, outcome: &mut Outcome) {
         let Ok(id) = self.find(&report.tenant, &report.workload) else { return };
         let entry = self.entry_mut(id).expect("found");
-        let before: Vec<_> = entry.controller.slots().collect();
-        entry.controller.handle_status(report.ordinal, report.host, report.epoch, report.phase);
-        let (changed, backing_off) =
-            (entry.controller.slots().ne(before), entry.controller.needs_ticks());
-        if backing_off {
-            self.backing_off.insert(id);
+        let changed =
+            entry.controller.handle_status(report.ordinal, report.host, report.epoch, report.phase);
+        if changed && report.phase == ReplicaPhase::Failed {
+            self.backing_off.insert(id); // the next retry tick starts its backoff clock
         }
         if changed {
             self.dirty.insert(id);
@@ -931,11 +929,14 @@ impl State {
             let _ = reply.send(answer);
         }
         for id in changed {
-            let item = match self.entry(id) {
-                Some(_) => Message::Workload(Box::new(self.status(id))),
-                None => continue, // deleted: the delete path announced it
-            };
-            self.notify(&item);
+            // Deleted ones were announced by the delete path; nobody watching, nothing to build.
+            let watched = self.entry(id).is_some_and(|e| {
+                self.tenants.get(&e.key.0).is_some_and(|t| !t.watchers.is_empty())
+            });
+            if watched {
+                let item = Message::Workload(Box::new(self.status(id)));
+                self.notify(&item);
+            }
         }
         for target in deleted {
             self.notify(&Message::Deleted(Box::new(target)));

@@ -118,6 +118,10 @@ pub struct WorkloadController {
     generation: u64,
     slots: BTreeMap<u32, Slot>,
     actions: VecDeque<Action>,
+    /// Slots without a host (kept by `reconcile` and `handle_placed`).
+    empty: u64,
+    /// Whether some slot with a host runs an older generation (a rolling update is under way).
+    outdated: bool,
 }
 
 impl WorkloadController {
@@ -141,7 +145,15 @@ impl WorkloadController {
                 (ordinal, Slot { host: Some(host), phase, generation, ..Slot::EMPTY })
             })
             .collect();
-        let mut controller = Self { spec, epoch, generation, slots, actions: VecDeque::new() };
+        let mut controller = Self {
+            spec,
+            epoch,
+            generation,
+            slots,
+            actions: VecDeque::new(),
+            empty: 0,
+            outdated: false,
+        };
         controller.reconcile();
         controller
     }
@@ -181,6 +193,7 @@ impl WorkloadController {
             return;
         };
         assert!(slot.host.is_none(), "controller: slot {ordinal} placed twice");
+        self.empty -= 1;
         let generation = self.generation;
         *slot = Slot {
             host: Some(host),
@@ -200,13 +213,25 @@ impl WorkloadController {
         }
     }
 
-    /// A host reports a replica's phase. Stale reports (older epoch, other host) are ignored.
-    pub fn handle_status(&mut self, ordinal: u32, host: HostId, epoch: u64, phase: ReplicaPhase) {
-        let Some(slot) = self.slots.get_mut(&ordinal) else { return };
-        if epoch != self.epoch || slot.host != Some(host) {
-            return;
+    /// A host reports a replica's phase; returns whether anything changed. Stale reports (older
+    /// epoch, other host) and repeats are ignored. A report costs a full reconcile only when it
+    /// can change what the controller wants: a failure, ordered start, a rolling update.
+    pub fn handle_status(
+        &mut self,
+        ordinal: u32,
+        host: HostId,
+        epoch: u64,
+        phase: ReplicaPhase,
+    ) -> bool {
+        let Some(slot) = self.slots.get_mut(&ordinal) else { return false };
+        if epoch != self.epoch || slot.host != Some(host) || slot.phase == phase {
+            return false;
         }
         slot.phase = phase;
+        let settled = self.spec.controller == Controller::Replicated && !self.outdated;
+        if settled && phase != ReplicaPhase::Failed {
+            return true;
+        }
         if phase == ReplicaPhase::Failed {
             // Replace it: free the slot; a reconcile places it again once its hold is over.
             self.actions.push_back(Action::Stop { ordinal, host });
@@ -218,6 +243,7 @@ impl WorkloadController {
             *slot = Slot { failures, hold, ..Slot::EMPTY };
         }
         self.reconcile();
+        true
     }
 
     /// A host went down: its slots are empty now and will be placed elsewhere.
@@ -269,8 +295,12 @@ impl WorkloadController {
 
     /// How many slots it has, and how many of them wait for a host.
     pub fn counts(&self) -> (u64, u64) {
-        let empty = self.slots.values().filter(|s| s.host.is_none()).count();
-        (self.slots.len() as u64, empty as u64)
+        debug_assert_eq!(
+            self.empty,
+            self.slots.values().filter(|s| s.host.is_none()).count() as u64,
+            "controller: empty-slot count drifted"
+        );
+        (self.slots.len() as u64, self.empty)
     }
 
     /// Whether some slot waits for a host.
@@ -321,6 +351,7 @@ impl WorkloadController {
         }
         let ordered = self.spec.controller == Controller::Stateful;
         let mut previous_running = true;
+        (self.empty, self.outdated) = (0, false);
         for (&ordinal, slot) in self.slots.iter_mut() {
             if slot.host.is_none()
                 && !slot.placing
@@ -331,6 +362,8 @@ impl WorkloadController {
                 self.actions.push_back(Action::Place { ordinal });
             }
             previous_running = slot.phase == ReplicaPhase::Running;
+            self.empty += u64::from(slot.host.is_none());
+            self.outdated |= slot.host.is_some() && slot.generation < self.generation;
         }
     }
 }
