@@ -8,6 +8,7 @@
 //! cargo run --release -p cellplane-perf --bin bench-cell
 //! cargo build --release -p cellplane && cargo run --release -p cellplane-perf --bin bench-fleet
 //! cargo build --release -p cellplane && cargo run --release -p cellplane-perf --bin bench-router
+//! cargo build --release -p cellplane && cargo run --release -p cellplane-perf --bin bench-region
 //! ```
 #![deny(missing_docs)]
 
