@@ -143,6 +143,8 @@ impl Shard {
                         let now = start.elapsed().as_millis() as u64;
                         let beats: Vec<_> =
                             self.order.iter().filter_map(|id| self.cores.get_mut(id)?.handle_tick(now)).collect();
+                        // A beat may come with a resync of the host's reports: send those too.
+                        touched.extend(beats.iter().map(|beat| beat.host));
                         if !beats.is_empty() {
                             let _ = connection.send(0, &Message::Heartbeats(beats)).await;
                         }

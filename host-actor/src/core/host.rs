@@ -11,7 +11,10 @@
 //!   `Synced`: whatever runs here that was not in that set is stopped — the cell no longer
 //!   counts it as this host's. A slot re-confirmed with the same spec keeps running untouched;
 //! - while the cell is unreachable every replica keeps running and status reports are kept,
-//!   the newest per slot, to be sent on reconnection ([`HostCore::handle_connected`]).
+//!   the newest per slot, to be sent on reconnection ([`HostCore::handle_connected`]);
+//! - every `resync_ms`, when nothing else waits to be sent, the host reports every slot's phase
+//!   again: reports are one-way messages, and one the cell had to drop under overload (or lost
+//!   in a crash) must not leave it believing an old phase for ever. The cell ignores repeats.
 //!
 //! Invariant: the resources of the replicas this host runs never exceed its capacity.
 
@@ -84,11 +87,13 @@ pub struct HostConfig {
     pub heartbeat_ms: u64,
     /// Most status reports kept while the cell is unreachable (one per slot is kept anyway).
     pub reports_max: usize,
+    /// Every slot's phase is reported again this often.
+    pub resync_ms: u64,
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
-        Self { heartbeat_ms: 1_000, reports_max: 4_096 }
+        Self { heartbeat_ms: 1_000, reports_max: 4_096, resync_ms: 30_000 }
     }
 }
 
@@ -107,6 +112,7 @@ pub struct HostCore {
     newest_epoch: u64,
     seq: u64,
     next_beat_ms: u64,
+    next_resync_ms: Option<u64>,
     connected: bool,
     used: Resources,
     runs: BTreeMap<SlotKey, Run>,
@@ -125,6 +131,7 @@ impl HostCore {
             newest_epoch: 0,
             seq: 0,
             next_beat_ms: 0,
+            next_resync_ms: None,
             connected: false,
             used: Resources::default(),
             runs: BTreeMap::new(),
@@ -169,6 +176,16 @@ impl HostCore {
         }
         self.next_beat_ms = now_ms + self.config.heartbeat_ms;
         self.seq += 1;
+        // Resync on a beat, so that a fleet's staggered beats stagger resyncs too.
+        let resync_at = *self.next_resync_ms.get_or_insert(now_ms + self.config.resync_ms);
+        if now_ms >= resync_at && self.reports.is_empty() {
+            self.next_resync_ms = Some(now_ms + self.config.resync_ms);
+            let runs: Vec<_> =
+                self.runs.iter().map(|(k, r)| (k.clone(), r.epoch, r.phase)).collect();
+            for (key, epoch, phase) in runs.into_iter().take(self.config.reports_max) {
+                self.report(&key, epoch, phase, String::new());
+            }
+        }
         let state = HostState::Ready;
         Some(Heartbeat { host: self.host.id, seq: self.seq, epoch: self.newest_epoch, state })
     }
@@ -366,6 +383,10 @@ mod tests {
         core
     }
 
+    fn key(name: &str) -> SlotKey {
+        (TenantId::new("acme").unwrap(), WorkloadName::new(name).unwrap(), 0)
+    }
+
     fn assignment(name: &str, epoch: u64, cpu_milli: u32, image: &str) -> Assignment {
         Assignment {
             tenant: TenantId::new("acme").unwrap(),
@@ -406,6 +427,33 @@ mod tests {
         std::iter::from_fn(|| core.poll_report())
             .map(|r| (r.workload.to_string(), r.phase))
             .collect()
+    }
+
+    #[test]
+    fn every_slot_is_reported_again_each_resync_unless_reports_still_wait() {
+        let mut core = core(false);
+        core.handle_assign(&assignment("web", 5, 500, "a")).unwrap();
+        core.handle_assign(&assignment("db", 5, 500, "a")).unwrap();
+        commands(&mut core);
+        core.handle_driver(&key("web"), ReplicaPhase::Running, String::new());
+        core.handle_tick(0);
+        assert_eq!(reports(&mut core).len(), 2, "the newest per slot");
+        let resync = HostConfig::default().resync_ms;
+        for now in (1_000..resync).step_by(1_000) {
+            core.handle_tick(now);
+            assert!(reports(&mut core).is_empty(), "resync before its time at {now} ms");
+        }
+        core.handle_tick(resync);
+        assert_eq!(
+            reports(&mut core),
+            [("db".into(), ReplicaPhase::Starting), ("web".into(), ReplicaPhase::Running)]
+        );
+        // While the cell is away reports wait; a due resync adds nothing to them.
+        core.handle_connected(false);
+        core.handle_driver(&key("db"), ReplicaPhase::Running, String::new());
+        core.handle_tick(2 * resync);
+        core.handle_connected(true);
+        assert_eq!(reports(&mut core), [("db".into(), ReplicaPhase::Running)]);
     }
 
     #[test]
