@@ -365,6 +365,18 @@ fn start_agent(dir: &Path, addr: SocketAddr, logs: &Path) -> Killed {
     )
 }
 
+/// One replica of a process that prints its pid once per start, then sleeps.
+fn sleeper(name: &str) -> WorkloadSpec {
+    let mut spec = web(1);
+    spec.name = WorkloadName::new(name).unwrap();
+    spec.kind = WorkloadKind::Container(ContainerSpec {
+        image: "none".into(),
+        command: vec!["sh".into(), "-c".into(), "echo started $$; exec sleep 600".into()],
+        env: Default::default(),
+    });
+    spec
+}
+
 /// Polls web until `check` holds for its first replica.
 async fn until_replica(
     client: &Connection,
@@ -395,12 +407,7 @@ async fn workloads_outlive_a_killed_cell_and_are_reconciled_not_restarted() {
     put_acme(&router, 10_000, 5).await;
     let logs = dir.path().join("logs");
     let agent = start_agent(dir.path(), cell.addr, &logs);
-    let mut spec = web(1);
-    spec.kind = WorkloadKind::Container(ContainerSpec {
-        image: "none".into(),
-        command: vec!["sh".into(), "-c".into(), "echo started $$; exec sleep 600".into()],
-        env: Default::default(),
-    });
+    let spec = sleeper("web");
     let apply = Message::Apply(Box::new(Apply {
         tenant: TenantId::new("acme").unwrap(),
         idempotency_key: [2; 16],
@@ -447,13 +454,7 @@ async fn a_restarted_agent_adopts_what_its_killed_predecessor_left_running() {
     let client = cell.as_peer(dir.path(), "acme").await;
     // Two sleeping workloads; each prints its pid once per start.
     for (key, name) in [(3u8, "web"), (4, "gone")] {
-        let mut spec = web(1);
-        spec.name = WorkloadName::new(name).unwrap();
-        spec.kind = WorkloadKind::Container(ContainerSpec {
-            image: "none".into(),
-            command: vec!["sh".into(), "-c".into(), "echo started $$; exec sleep 600".into()],
-            env: Default::default(),
-        });
+        let spec = sleeper(name);
         let tenant = TenantId::new("acme").unwrap();
         let apply = Message::Apply(Box::new(Apply { tenant, idempotency_key: [key; 16], spec }));
         assert!(matches!(client.request(0, &apply, DEADLINE).await, Ok(Message::Done(_))));
