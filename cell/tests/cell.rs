@@ -11,7 +11,7 @@ use cellplane_api::wire::{
     WorkloadStatus,
 };
 use cellplane_api::{
-    Capabilities, CellId, Controller, Host, HostId, HostState, Name, Placement, Quota,
+    Capabilities, CellId, Controller, Host, HostId, HostState, Name, Placement, Quota, Replica,
     ReplicaPhase, Resources, SiteId, Tenant, TenantId, WorkloadKind, WorkloadName, WorkloadSpec,
 };
 use cellplane_cell::core::membership::LeaseConfig;
@@ -182,25 +182,23 @@ fn apply(tenant: &str, key: u8, spec: WorkloadSpec) -> Message {
 
 /// Hosts report every assigned replica of `status` as running.
 fn report_running(cell: &Harness, status: &WorkloadStatus, epoch: u64) {
-    report(cell, status, epoch, ReplicaPhase::Running);
+    for r in status.replicas.iter().filter(|r| r.phase == ReplicaPhase::Assigned) {
+        send_status(cell, r, epoch, ReplicaPhase::Running);
+    }
 }
 
-/// Hosts report every assigned replica of `status` in `phase`.
-fn report(cell: &Harness, status: &WorkloadStatus, epoch: u64, phase: ReplicaPhase) {
-    for r in &status.replicas {
-        if let (Some(host), ReplicaPhase::Assigned) = (r.host, r.phase) {
-            let report = StatusReport {
-                host,
-                tenant: TenantId::new("acme").unwrap(),
-                workload: r.workload.clone(),
-                ordinal: r.ordinal,
-                epoch,
-                phase,
-                detail: String::new(),
-            };
-            cell.gateway.send(&host_peer(), Message::Status(Box::new(report))).unwrap();
-        }
-    }
+/// The host of `replica` reports it in `phase`, under `epoch`.
+fn send_status(cell: &Harness, replica: &Replica, epoch: u64, phase: ReplicaPhase) {
+    let report = StatusReport {
+        host: replica.host.expect("a replica on a host"),
+        tenant: TenantId::new("acme").unwrap(),
+        workload: replica.workload.clone(),
+        ordinal: replica.ordinal,
+        epoch,
+        phase,
+        detail: String::new(),
+    };
+    cell.gateway.send(&host_peer(), Message::Status(Box::new(report))).unwrap();
 }
 
 fn placed(status: &WorkloadStatus) -> HashMap<u32, HostId> {
@@ -539,16 +537,7 @@ async fn a_replica_that_keeps_failing_is_replaced_with_growing_backoff() {
     let mut replica = next_assignment().await;
     let mut waits = Vec::new();
     for _ in 0..6 {
-        let failed = StatusReport {
-            host: replica.host.expect("assigned to a host"),
-            tenant: TenantId::new("acme").unwrap(),
-            workload: replica.workload.clone(),
-            ordinal: replica.ordinal,
-            epoch: replica.epoch,
-            phase: ReplicaPhase::Failed,
-            detail: "exit status 1".into(),
-        };
-        cell.gateway.send(&host_peer(), Message::Status(Box::new(failed))).unwrap();
+        send_status(&cell, &replica, replica.epoch, ReplicaPhase::Failed);
         let failed_at = tokio::time::Instant::now();
         replica = next_assignment().await;
         waits.push(failed_at.elapsed());
